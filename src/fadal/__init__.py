@@ -1,0 +1,3 @@
+"""FADAL: Federated Anatomical Data Amplification and Learning."""
+
+__version__ = "0.1.0"

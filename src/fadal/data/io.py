@@ -1,0 +1,152 @@
+"""Reading and writing volumes with their geometry, and the checks that catch bad input early.
+
+Every volume in FADAL travels as a :class:`SimpleITK.Image`, because it carries spacing, origin and
+direction with the voxels: outputs must line up with their inputs in world coordinates. Writes are
+atomic (temporary file, then rename) so an interrupted run never leaves half a NIfTI behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+#: Tolerances for "same grid": spacing/origin in mm, direction cosines unitless.
+SPACING_TOL_MM = 1e-3
+ORIGIN_TOL_MM = 1e-2
+DIRECTION_TOL = 1e-4
+
+
+class FadalInputError(ValueError):
+    """Bad input: the message names the file and says what is wrong and what to do."""
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder, with a clear error if it cannot."""
+    path = Path(path)
+    if not path.exists():
+        raise FadalInputError(f"{path}: file not found")
+    if path.is_dir():
+        from fadal.data.dicom import read_dicom_series
+
+        return read_dicom_series(path)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
+        raise FadalInputError(f"{path}: unreadable image ({first}); is it a complete NIfTI/NRRD file?") from err
+    if path.name.endswith((".nii", ".nii.gz")) and np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.floating):
+        _check_nifti_nan(path)
+    return image
+
+
+def _check_nifti_nan(path: Path) -> None:
+    """ITK's NIfTI reader silently turns NaN into 0; read float NIfTI data once more to catch them."""
+    import nibabel as nib
+
+    data = np.asanyarray(nib.load(str(path)).dataobj)
+    n = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if n:
+        raise FadalInputError(f"{path}: {n} NaN/inf voxels; fix or mask them before use")
+
+
+def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Write atomically: a crash mid-write leaves the previous file (or none), never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".nii.gz"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, compress)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(data: Any, path: str | Path) -> Path:
+    """Atomic JSON write (same reason as :func:`write_image`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=_json_default)
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image) -> str | None:
+    """Return ``None`` if both images share a voxel grid, else a short description of the difference."""
+    if a.GetSize() != b.GetSize():
+        return f"size {a.GetSize()} vs {b.GetSize()}"
+    if not np.allclose(a.GetSpacing(), b.GetSpacing(), atol=SPACING_TOL_MM):
+        return f"spacing {_fmt(a.GetSpacing())} vs {_fmt(b.GetSpacing())} mm"
+    if not np.allclose(a.GetOrigin(), b.GetOrigin(), atol=ORIGIN_TOL_MM):
+        return f"origin {_fmt(a.GetOrigin())} vs {_fmt(b.GetOrigin())} mm"
+    if not np.allclose(a.GetDirection(), b.GetDirection(), atol=DIRECTION_TOL):
+        return f"direction {_fmt(a.GetDirection())} vs {_fmt(b.GetDirection())}"
+    return None
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def check_image_values(image: sitk.Image, path: str | Path) -> None:
+    """Reject empty, constant or NaN/inf volumes: they make training silently produce garbage."""
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.size == 0:
+        raise FadalInputError(f"{path}: empty volume (size {image.GetSize()})")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        n = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise FadalInputError(f"{path}: {n} NaN/inf voxels; fix or mask them before use")
+    if float(arr.max()) == float(arr.min()):
+        raise FadalInputError(f"{path}: constant volume (every voxel = {float(arr.min()):g}); not a CT scan")
+
+
+def check_label(label: sitk.Image, image: sitk.Image, allowed: set[int], label_path: str | Path,
+                image_path: str | Path) -> None:
+    """A label map must sit on its image's grid and hold only the values ``dataset.json`` declares."""
+    diff = same_geometry(image, label)
+    if diff is not None:
+        raise FadalInputError(
+            f"{label_path}: geometry differs from its image {Path(image_path).name}: {diff}; "
+            "resample the label onto the image grid (nearest neighbour)"
+        )
+    arr = sitk.GetArrayViewFromImage(label)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise FadalInputError(f"{label_path}: label map contains NaN/inf")
+        if not np.all(np.mod(arr, 1) == 0):
+            raise FadalInputError(f"{label_path}: label map has non-integer values; was it resampled linearly?")
+    values = set(int(v) for v in np.unique(arr))
+    unknown = sorted(values - set(allowed))
+    if unknown:
+        raise FadalInputError(
+            f"{label_path}: unknown label values {unknown}; dataset.json declares {sorted(allowed)}"
+        )
+
+
+def resample_like(image: sitk.Image, reference: sitk.Image, is_label: bool, default: float = 0.0) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid through world coordinates."""
+    interp = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    return sitk.Resample(image, reference, sitk.Transform(), interp, default, image.GetPixelID())

@@ -1,0 +1,111 @@
+"""MONAI transform chains that bring a CT into the network's space, and back.
+
+Volumes are read with SimpleITK (our checks, DICOM, atomic writes) and handed to MONAI as
+``MetaTensor`` with a RAS affine; MONAI's own ``Orientation``/``Spacing`` transforms then do the work
+and record themselves, so ``Invertd`` can bring a prediction back onto the input grid exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Hashable, Mapping
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    DivisiblePadd,
+    MapTransform,
+    Orientationd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from fadal.config import PreprocessConfig
+from fadal.data.io import read_image
+
+#: LPS (ITK) <-> RAS (MONAI/NIfTI) flip of the first two world axes.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def sitk_affine_ras(image: sitk.Image) -> np.ndarray:
+    """4x4 voxel(x,y,z) -> RAS world affine of a SimpleITK image."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction @ np.diag(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return _LPS_TO_RAS @ affine
+
+
+def to_metatensor(image: sitk.Image, dtype: torch.dtype = torch.float32) -> MetaTensor:
+    """SimpleITK image -> channel-first MetaTensor (1, x, y, z) with its RAS affine."""
+    arr = sitk.GetArrayFromImage(image)  # (z, y, x)
+    tensor = torch.as_tensor(np.ascontiguousarray(arr.transpose(2, 1, 0)), dtype=dtype)[None]
+    return MetaTensor(tensor, affine=torch.as_tensor(sitk_affine_ras(image), dtype=torch.float64))
+
+
+def from_array(arr_xyz: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """Array on ``reference``'s voxel grid in (x, y, z) order -> image with reference's geometry."""
+    out = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(arr_xyz).transpose(2, 1, 0)))
+    out.CopyInformation(reference)
+    return out
+
+
+class LoadVolumesd(MapTransform):
+    """Read image/label/confidence files through :func:`fadal.data.io.read_image` into MetaTensors.
+
+    A missing ``confidence`` means the label is a real annotation: full confidence everywhere.
+    """
+
+    def __init__(self, keys=("image", "label", "confidence")) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        image = read_image(d["image"])
+        d["image"] = to_metatensor(image)
+        if d.get("label") is not None:
+            d["label"] = to_metatensor(read_image(d["label"]), torch.float32)
+            conf = d.get("confidence")
+            d["confidence"] = to_metatensor(read_image(conf)) if conf else torch.ones_like(d["label"])
+        else:
+            d.pop("label", None)
+            d.pop("confidence", None)
+        return d
+
+
+def spatial_transforms(cfg: PreprocessConfig, keys: tuple[str, ...]) -> list:
+    """Orientation, spacing and intensity windowing (invertible: used by training and inference)."""
+    modes = {"image": "bilinear", "label": "nearest", "confidence": "bilinear", "pred": "bilinear"}
+    return [
+        Orientationd(keys=list(keys), axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys=list(keys), pixdim=cfg.spacing_mm, mode=[modes[k] for k in keys]),
+        ScaleIntensityRanged(keys="image", a_min=cfg.hu_window[0], a_max=cfg.hu_window[1], b_min=0.0, b_max=1.0, clip=True),
+        DivisiblePadd(keys=list(keys), k=16),
+    ]
+
+
+def training_transforms(cfg: PreprocessConfig) -> tuple[Compose, Compose]:
+    """(deterministic, cacheable) and (random augmentation) parts for training items."""
+    keys = ("image", "label", "confidence")
+    fixed = Compose([LoadVolumesd(keys), *spatial_transforms(cfg, keys)])
+    # Intensity jitter stands in for scanner differences; no flips: left/right organs are different labels.
+    random = Compose([
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
+    ])
+    return fixed, random
+
+
+def inference_transforms(cfg: PreprocessConfig) -> Compose:
+    return Compose(spatial_transforms(cfg, ("image",)))
+
+
+def training_item(image: Path, label: Path, known: list[int], confidence: Path | None = None) -> dict:
+    """One training example as the data loader expects it (paths only: data stays on disk)."""
+    return {"image": str(image), "label": str(label), "confidence": str(confidence) if confidence else None,
+            "known": list(known)}
