@@ -42,8 +42,10 @@ class PartialLabelDiceCELoss(torch.nn.Module):
         picked = (merged * onehot).sum(dim=1, keepdim=True).clamp_min(1e-6)
         ce = -(torch.log(picked) * weight).sum() / weight.sum().clamp_min(1.0)
         dice_c = self.dice(merged * weight, onehot * weight).view(b, c)  # (B, C)
-        dice_mask = known.clone()
+        # Dice on drawn organs present in the trusted voxels: soft Dice of an empty target is ~1
+        # whatever the prediction, so absent organs are left to the cross-entropy term.
+        present = (onehot * weight).flatten(2).sum(-1) > 0
+        dice_mask = known & present
         dice_mask[:, 0] = False  # organs only; background is covered by CE
-        # A drawn organ absent from this crop still counts: its Dice term penalises false positives.
         dice = (dice_c * dice_mask).sum() / dice_mask.sum().clamp_min(1)
         return self.lambda_dice * dice + self.lambda_ce * ce
