@@ -1,0 +1,92 @@
+"""What a site sends: model arrays and allow-listed scalar metrics, nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from conftest import LABELS, write_site
+from fadal.config import PreprocessConfig, TrainConfig
+from fadal.federated.client_app import ALLOWED_METRICS, SiteRuntime, local_evaluate, local_train, reply
+from fadal.model.net import build_network
+
+TINY = TrainConfig(channels=(4, 8), epochs=1)
+PRE = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0))
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Flower stamps messages with the running task's identity; outside a run, give it one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def _message(model, labels=LABELS, message_type="train") -> Message:
+    config = ConfigRecord({
+        "local-epochs": 1, "server-round": 1, "train-config": TINY.model_dump_json(),
+        "preprocess-config": PRE.model_dump_json(), "labels": json.dumps(labels),
+    })
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
+                   dst_node_id=1, message_type=message_type)
+
+
+def _assert_only_arrays_and_scalars(reply_msg: Message, model, expect_arrays: bool) -> None:
+    content = reply_msg.content
+    assert set(content.keys()) == ({"arrays", "metrics"} if expect_arrays else {"metrics"})
+    assert isinstance(content["metrics"], MetricRecord)
+    for key, value in content["metrics"].items():
+        assert key in ALLOWED_METRICS or key.startswith("dice-"), key
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+    if expect_arrays:
+        arrays = content["arrays"]
+        assert isinstance(arrays, ArrayRecord)
+        state = model.state_dict()
+        assert list(arrays.keys()) == list(state.keys())
+        for k, arr in arrays.to_torch_state_dict().items():
+            assert tuple(arr.shape) == tuple(state[k].shape)
+
+
+def test_train_reply_holds_only_model_arrays_and_scalar_metrics(tmp_path):
+    site = write_site(tmp_path / "site", n_labeled=2, n_unlabeled=1, n_test=1)
+    runtime = SiteRuntime("s", site, None, False, tmp_path / "cache")
+    model = build_network(3, TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = local_train(_message(model), runtime)
+    _assert_only_arrays_and_scalars(out, model, expect_arrays=True)
+    assert out.content["metrics"]["num-examples"] == 2
+    changed = [k for k, v in out.content["arrays"].to_torch_state_dict().items() if not np.allclose(v, before[k])]
+    assert changed, "local training did not change the model"
+    # No string anywhere in the reply could carry a case id or a path.
+    blob = repr(dict(out.content["metrics"].items()))
+    assert "case_" not in blob and str(tmp_path) not in blob
+
+
+def test_evaluate_reply_holds_only_scalar_metrics(tmp_path):
+    site = write_site(tmp_path / "site", n_labeled=1, n_unlabeled=0, n_test=1)
+    runtime = SiteRuntime("s", site, None, False, tmp_path / "cache")
+    model = build_network(3, TINY)
+    out = local_evaluate(_message(model, message_type="evaluate"), runtime)
+    _assert_only_arrays_and_scalars(out, model, expect_arrays=False)
+    assert "dice-mean" in out.content["metrics"]
+
+
+def test_reply_refuses_non_allowlisted_metric():
+    model = build_network(3, TINY)
+    with pytest.raises(ValueError, match="non-allow-listed"):
+        reply(_message(model), {"case_000-volume": 1.0})
+
+
+def test_label_set_mismatch_is_a_clear_error(tmp_path):
+    from fadal.data.io import FadalInputError
+
+    site = write_site(tmp_path / "site", n_labeled=1, n_unlabeled=0, n_test=0)
+    runtime = SiteRuntime("s", site, None, False, tmp_path / "cache")
+    labels = {"background": 0, "liver": 1, "spleen": 2}
+    model = build_network(3, TINY)
+    with pytest.raises(FadalInputError, match="label-set mismatch"):
+        local_train(_message(model, labels=labels), runtime)
