@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Keep Flower/Ray from writing to the home folder or phoning home during tests.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# Ray (Flower's simulation backend): short socket paths, nothing left in /tmp/ray.
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="fadal_ray_"))
 
 
 def pytest_configure(config):

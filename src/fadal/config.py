@@ -87,7 +87,7 @@ class FederationConfig(_Strict):
     strategy: Literal["fedavg"] = Field("fedavg", description="Aggregation strategy.")
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_sites: int = Field(0, ge=0, description="Minimum sites per round (0 = all configured sites).")
-    evaluate_each_round: bool = Field(True, description="Sites score the global model on their held-out cases every round.")
+    evaluate_every: int = Field(1, ge=0, description="Sites score the global model on their held-out cases every N rounds (0 = never; otherwise also after the last round).")
     labels: dict[str, int] | None = Field(None, description="The federation's label set (default: the first site's dataset.json).")
     train: TrainConfig = TrainConfig()
     preprocess: PreprocessConfig = PreprocessConfig()

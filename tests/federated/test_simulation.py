@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-import pytest
 import torch
 
 from conftest import write_site
@@ -14,15 +10,7 @@ from fadal.model.infer import load_checkpoint
 from fadal.model.net import build_network
 
 
-@pytest.fixture
-def ray_tmp(monkeypatch):
-    # Ray's socket paths must stay short, and its session folders out of /tmp/ray.
-    path = tempfile.mkdtemp(prefix="fadal_ray_")
-    monkeypatch.setenv("RAY_TMPDIR", path)
-    yield path
-
-
-def test_two_sites_two_rounds_change_global_weights(tmp_path, ray_tmp):
+def test_two_sites_two_rounds_change_global_weights(tmp_path):
     from fadal.federated.simulation import simulate
 
     sites = [write_site(tmp_path / f"site_{k}", n_labeled=2, n_unlabeled=0, n_test=1) for k in range(2)]

@@ -17,9 +17,16 @@ from fadal.config import FederationConfig
 class RecordingFedAvg(FedAvg):
     """FedAvg that appends per-round metrics and bytes on the wire to ``history["rounds"]``."""
 
-    def __init__(self, history: dict, **kwargs) -> None:
+    def __init__(self, history: dict, evaluate_every: int = 1, num_rounds: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.history = history
+        self.evaluate_every = evaluate_every
+        self.num_rounds = num_rounds
+
+    def configure_evaluate(self, server_round: int, arrays, config, grid):
+        """Federated evaluation every ``evaluate_every`` rounds and after the last one."""
+        due = self.evaluate_every > 0 and (server_round % self.evaluate_every == 0 or server_round == self.num_rounds)
+        return super().configure_evaluate(server_round, arrays, config, grid) if due else []
 
     def _entry(self, server_round: int) -> dict:
         rounds = self.history.setdefault("rounds", [])
@@ -52,8 +59,10 @@ def build_strategy(cfg: FederationConfig, min_sites: int, history: dict) -> FedA
     if cfg.strategy == "fedavg":
         return RecordingFedAvg(
             history,
+            evaluate_every=cfg.evaluate_every,
+            num_rounds=cfg.rounds,
             fraction_train=cfg.fraction_train,
-            fraction_evaluate=1.0 if cfg.evaluate_each_round else 0.0,
+            fraction_evaluate=1.0,
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites,
             min_available_nodes=min_sites,
