@@ -1,0 +1,92 @@
+"""Amplification of a tiny synthetic site end to end (real registrations, resumable outputs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fadal.amplify.pipeline import _list_cases, amplify_site
+from fadal.config import AmplifyConfig
+from fadal.data.io import FadalInputError
+
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")  # SWIG, on importing itk
+
+LABELS = {"background": 0, "liver": 1, "kidney": 2, "spine": 3}
+
+
+def _write_site(root, phantom, cases_json=None):
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps({"labels": LABELS, "file_ending": ".nii.gz"}))
+    scans = {
+        "a001": phantom(44, 4.5, shift_mm=(6.0, -4.0, 3.0), warp_mm=4.0, flip=True, seed=2),
+        "a002": phantom(40, 5.0, shift_mm=(-5.0, 3.0, -4.0), warp_mm=3.0, seed=3),
+        "u001": phantom(48, 4.0, seed=1),
+    }
+    for case, (img, lab) in scans.items():
+        sitk.WriteImage(img, str(root / "imagesTr" / f"{case}_0000.nii.gz"))
+        if case.startswith("a"):
+            sitk.WriteImage(lab, str(root / "labelsTr" / f"{case}.nii.gz"))
+    if cases_json is not None:
+        (root / "cases.json").write_text(json.dumps(cases_json))
+    return scans
+
+
+def test_list_cases_splits_and_annotations(tmp_path, phantom):
+    site = tmp_path / "site"
+    _write_site(site, phantom, {"a002": {"split": "labeled", "annotated": ["liver", "kidney"]}})
+    labeled, unlabeled, labels = _list_cases(site)
+    assert [(c, ids) for c, _, _, ids in labeled] == [("a001", [1, 2, 3]), ("a002", [1, 2])]
+    assert [c for c, _ in unlabeled] == ["u001"] and labels == LABELS
+    (site / "cases.json").write_text(json.dumps({"a001": {"split": "test"}, "a002": {"annotated": ["lung"]}}))
+    with pytest.raises(FadalInputError, match="lung"):
+        _list_cases(site)
+    (site / "cases.json").write_text(json.dumps({"a001": {"split": "test"}}))
+    assert [c for c, *_ in _list_cases(site)[0]] == ["a002"]  # test labels never become atlases
+
+
+def test_amplify_site_outputs_and_resumes(tmp_path, phantom, fast_cfg, dice_score, one_itk_thread):
+    site, out = tmp_path / "site", tmp_path / "out"
+    # a002 did not draw the spine: the spine comes from a001 alone, and a002's 0 there is no vote.
+    scans = _write_site(site, phantom, {"a002": {"split": "labeled", "annotated": ["liver", "kidney"]}})
+    cfg = AmplifyConfig(registration=fast_cfg(workers=1))
+    events = []
+    summary = amplify_site(site, out, cfg, progress=lambda *e: events.append(e))
+    assert summary["n_scans"] == 1 and summary["n_atlases"] == 2 and summary["n_registrations_this_run"] == 2
+    assert ("register", 2, 2) in events and ("fuse", 1, 1) in events
+
+    image, truth = scans["u001"]
+    label = sitk.ReadImage(str(out / "labels" / "u001.nii.gz"))
+    conf = sitk.ReadImage(str(out / "confidence" / "u001.nii.gz"))
+    for im in (label, conf):
+        assert im.GetSize() == image.GetSize()
+        np.testing.assert_allclose(im.GetSpacing(), image.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(im.GetOrigin(), image.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(im.GetDirection(), image.GetDirection(), atol=1e-9)
+    assert label.GetPixelID() == sitk.sitkUInt8 and conf.GetPixelID() == sitk.sitkFloat32
+    c = sitk.GetArrayFromImage(conf)
+    assert c.min() >= 0 and c.max() <= 1
+    fused = sitk.GetArrayFromImage(label)
+    assert dice_score(fused, sitk.GetArrayFromImage(truth)) > 0.75
+    assert (fused == 3).sum() > 0  # spine, annotated by one atlas only, survives fusion
+
+    prov = json.loads((out / "provenance" / "u001.json").read_text())
+    assert [a["case"] for a in prov["atlases"]] == ["a001", "a002"]
+    assert [a["cached"] for a in prov["atlases"]] == [False, False]
+    assert prov["atlases"][1]["annotated"] == ["liver", "kidney"]
+    assert all(a["metric_after"] > a["metric_before"] for a in prov["atlases"])
+    assert prov["organs_fused"] == ["liver", "kidney", "spine"] and prov["fusion_method"] == "majority"
+    assert set(prov["organs"]) == {"liver", "kidney", "spine"}
+    assert json.loads((out / "amplification.json").read_text())["per_case"]["u001"]["mean_confidence"] > 0.5
+
+    # Done cases are skipped; an unfinished case (no provenance) reuses the cached registrations.
+    again = amplify_site(site, out, cfg)
+    assert again["n_amplified_this_run"] == 0 and again["per_case"] == summary["per_case"]
+    (out / "provenance" / "u001.json").unlink()
+    third = amplify_site(site, out, cfg)
+    assert third["n_amplified_this_run"] == 1 and third["n_registrations_this_run"] == 0
+    prov = json.loads((out / "provenance" / "u001.json").read_text())
+    assert [a["cached"] for a in prov["atlases"]] == [True, True]
