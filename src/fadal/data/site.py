@@ -152,7 +152,7 @@ def load_site(root: str | Path, name: str | None = None, cases_json: str | Path 
                     (labeled if label is not None else unlabeled).append(case)
     if not labeled and not unlabeled:
         raise FadalInputError(f"{root}: no training images found")
-    site = Site(root, name or meta.get("name", root.name), labels, labeled, unlabeled, test)
+    site = Site(root, name or root.name, labels, labeled, unlabeled, test)
     if validate:
         for case in site.labeled + site.test:
             load_pair(site, case)
