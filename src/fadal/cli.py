@@ -142,35 +142,42 @@ def _print_history(rounds: list[dict]) -> None:
 def predict(
     inputs: list[Path] = typer.Argument(..., help="NIfTI file(s), folder(s) of NIfTI files, or DICOM series folder(s)."),
     model: Path = typer.Option(..., help="Checkpoint (model.pt / global_model.pt)."),
-    out: Path = typer.Option(Path("predictions"), help="Output folder: <case>.nii.gz label maps in the input's geometry."),
+    out: Path = typer.Option(Path("predictions"), help="Output folder: <case>.nii.gz label maps in the input's geometry, "
+                             "<case>/meshes, <case>/views, <case>/seg.dcm."),
+    meshes: bool = typer.Option(True, help="Organ surface meshes (STL, OBJ, VTP; LPS world mm)."),
+    views: bool = typer.Option(True, help="3D renders (anterior, oblique) and a CT overlay PNG."),
+    dicom_seg: bool = typer.Option(True, help="DICOM-SEG next to DICOM-series inputs."),
+    largest_component: bool = typer.Option(True, help="Keep each organ's largest connected component."),
+    fill_holes: bool = typer.Option(True, help="Fill holes inside each organ."),
+    series: Optional[str] = typer.Option(None, help="SeriesInstanceUID, when a DICOM folder holds several series."),
 ) -> None:
-    """Segment CT volumes; label maps are written on each input's exact voxel grid."""
-    import torch
+    """Segment CT volumes and export label maps, surface meshes, views and DICOM-SEG.
 
-    from fadal.data.io import read_image, write_image
-    from fadal.model.infer import load_checkpoint, predict_image
-    from fadal.model.net import pick_device
+    Label maps are written on each input's exact voxel grid. A folder run skips finished cases."""
+    from fadal.model.infer import load_checkpoint
+    from fadal.pipeline import ExportOptions, predict_case
 
+    options = ExportOptions(largest_component=largest_component, fill_holes=fill_holes, meshes=meshes,
+                            views=views, dicom_seg=dicom_seg)
     try:
         net, labels, pre, _ = load_checkpoint(model)
-        files = _expand_inputs(inputs)
-        device = pick_device()
+        files = _expand_inputs(inputs, series)
         with _progress() as prog:
             task = prog.add_task("cases", total=len(files))
             for case_id, path in files:
-                target = out / f"{case_id}.nii.gz"
-                if target.exists() and target.stat().st_mtime > path.stat().st_mtime:
+                done = out / case_id / "summary.json"
+                if done.exists() and done.stat().st_mtime > path.stat().st_mtime:
                     prog.advance(task)
                     continue
-                label, _ = predict_image(net, read_image(path), pre, device)
-                write_image(label, target)
+                prog.update(task, description=case_id)
+                predict_case(net, labels, pre, path, case_id, out, options, series_uid=series)
                 prog.advance(task)
     except FadalInputError as err:
         _fail(err)
-    console.print(f"{len(files)} label maps in {out} (labels: {labels})")
+    console.print(f"{len(files)} case(s) in {out} (labels: {', '.join(k for k in labels if labels[k])})")
 
 
-def _expand_inputs(inputs: list[Path]) -> list[tuple[str, Path]]:
+def _expand_inputs(inputs: list[Path], series: str | None = None) -> list[tuple[str, Path]]:
     from fadal.data.site import IMAGE_SUFFIXES, _strip_suffix
 
     found: list[tuple[str, Path]] = []
@@ -181,7 +188,7 @@ def _expand_inputs(inputs: list[Path]) -> list[tuple[str, Path]]:
             vols = sorted(f for f in p.iterdir() if f.name.endswith(IMAGE_SUFFIXES))
             if vols:
                 found += [(_strip_suffix(f.name).removesuffix("_0000"), f) for f in vols]
-            else:  # a DICOM series folder
+            else:  # a DICOM series folder (read, and checked, when its turn comes)
                 found.append((p.name, p))
         else:
             found.append((_strip_suffix(p.name).removesuffix("_0000"), p))

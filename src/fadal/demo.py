@@ -27,7 +27,7 @@ class DemoSettings:
     labeled: int = 3
     unlabeled: int = 6
     test: int = 3
-    rounds: int = 12
+    rounds: int = 10
     local_epochs: int = 2
     seed: int = 0
     evaluate_every: int = 3
@@ -91,12 +91,37 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
         metrics[variant] = evaluate_checkpoint(cfg.out / "global_model.pt", sites)
         stage(variant)
 
+    overlays, viewer = _navigation_example(out, sites[0], out / "federated_amplified" / "global_model.pt")
+    stage("navigation")
+
     doc = metrics_document(metrics)
     amp_summary = {name: _amplification_row(s) for name, s in amplification.items()}
-    paths = write_run_report(out, doc, history=histories, amplification=amp_summary, title="FADAL demo (synthetic phantom)")
+    paths = write_run_report(out, doc, history=histories, amplification=amp_summary, overlays=overlays, viewer=viewer,
+                             title="FADAL demo (synthetic phantom)")
     timings["total"] = time.perf_counter() - t0
     write_json({"settings": asdict(settings), "seconds": timings}, out / "demo.json")
     return {"metrics": doc, "timings": timings, "report": paths}
+
+
+def _navigation_example(out: Path, site: Path, checkpoint: Path) -> tuple[list[tuple[Path, str]], str]:
+    """What a surgeon's team gets for one held-out scan: label map, meshes, views, 3D viewer."""
+    from fadal.data.site import load_site
+    from fadal.model.infer import load_checkpoint
+    from fadal.navigation.meshes import organ_meshes
+    from fadal.navigation.viewer import viewer_html
+    from fadal.pipeline import predict_case
+    from fadal.data.io import read_image
+
+    model, labels, pre, _ = load_checkpoint(checkpoint)
+    case = load_site(site, validate=False).test[0]
+    summary = predict_case(model, labels, pre, case.image, case.case_id, out / "navigation")
+    views = summary["outputs"]["views"]
+    meshes = organ_meshes(read_image(summary["outputs"]["label"]), labels)
+    caption = f"{site.name}/{case.case_id}, federated+amplified model"
+    overlays = [(Path(views["overlay"]), f"{caption}: CT overlay"),
+                (Path(views["anterior"]), f"{caption}: organ surfaces, anterior view"),
+                (Path(views["oblique"]), f"{caption}: laparoscopic-like oblique view")]
+    return overlays, viewer_html(meshes, title=caption)
 
 
 def _amplification_row(summary: dict) -> dict:

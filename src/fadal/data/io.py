@@ -26,15 +26,15 @@ class FadalInputError(ValueError):
     """Bad input: the message names the file and says what is wrong and what to do."""
 
 
-def read_image(path: str | Path) -> sitk.Image:
-    """Read a NIfTI/NRRD/MHA file or a DICOM series folder, with a clear error if it cannot."""
+def read_image(path: str | Path, series_uid: str | None = None) -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder (``series_uid`` picks one of several)."""
     path = Path(path)
     if not path.exists():
         raise FadalInputError(f"{path}: file not found")
     if path.is_dir():
         from fadal.data.dicom import read_dicom_series
 
-        return read_dicom_series(path)
+        return read_dicom_series(path, series_uid)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:

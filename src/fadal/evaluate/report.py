@@ -410,7 +410,7 @@ nav { margin:10px 0 0; font-size:0.92em; }
 nav a { color:var(--accent); text-decoration:none; margin-right:14px; }
 .table-wrap { overflow-x:auto; margin:8px 0 14px; }
 table { border-collapse:collapse; font-size:0.92em; }
-caption { text-align:left; color:var(--muted); padding:0 0 6px; caption-side:top; }
+caption { text-align:left; color:var(--muted); padding:0 0 6px; caption-side:top; white-space:nowrap; }
 th, td { padding:4px 12px; border-bottom:1px solid var(--line); text-align:left; white-space:nowrap; }
 th { background:var(--zebra); font-weight:600; border-bottom:2px solid var(--line); }
 tbody tr:nth-child(even) { background:#fbfcfd; }
@@ -426,6 +426,12 @@ summary { cursor:pointer; color:var(--accent); }
 """
 
 
+# Script errors are counted on <html data-js-errors="N"> so a headless browser test can read them.
+_ERROR_PROBE = ("<script>document.documentElement.dataset.jsErrors='0';"
+                "window.addEventListener('error',function(){var d=document.documentElement.dataset;"
+                "d.jsErrors=String(Number(d.jsErrors)+1);});</script>\n")
+
+
 def write_report(
     out_dir: Path,
     metrics: dict,
@@ -433,6 +439,7 @@ def write_report(
     amplification: dict | None = None,
     overlays: list[tuple[Path, str]] | None = None,
     title: str = "FADAL report",
+    viewer: str | None = None,
 ) -> dict[str, Path]:
     """Write ``out_dir/report.html``, ``out_dir/report.md`` and the plots as PNGs in ``out_dir/plots/``.
 
@@ -509,6 +516,9 @@ def write_report(
             md.append(f"![{_md_text(caption)}]({_md_link(png_path, out_dir)})")
         sections.append(("overlays", "Overlays", h, md))
 
+    if viewer:  # an HTML fragment from fadal.navigation.viewer (interactive, HTML only)
+        sections.append(("viewer", "3D organ view", [viewer], ["*Interactive 3D view: open report.html.*"]))
+
     per_case = metrics.get("per_case") or {}
     if per_case:
         h, md = [], []
@@ -526,7 +536,7 @@ def write_report(
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
+        f"<title>{e(title)}</title>\n<style>{_CSS}</style>\n{_ERROR_PROBE}</head>\n<body>\n<main>\n"
         f'<h1>{e(title)}</h1>\n<p class="meta">{meta}</p>\n<nav>{nav}</nav>\n{body}\n</main>\n</body>\n</html>\n'
     )
     paths["html"] = _atomic_write(out_dir / "report.html", page.encode("utf-8"))
