@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from fadal.config import FederationConfig
-from fadal.data.io import write_json
+from fadal.data.io import FadalInputError, write_json
 from fadal.federated.strategies import build_strategy
 from fadal.model.infer import save_checkpoint
 from fadal.model.net import build_network
@@ -23,43 +26,137 @@ from fadal.model.train import seed_everything
 
 
 def train_config_record(cfg: FederationConfig, labels: dict[str, int]) -> ConfigRecord:
-    """Everything a site needs to train the same network the same way (no data, no paths)."""
+    """Everything a site needs to train the same network the same way (no data, no paths).
+
+    Read by :func:`fadal.federated.client_app.local_train`: ``proximal-mu`` (FedProx term, 0 unless
+    strategy 'fedprox'), ``local-norm`` (FedBN: keep normalisation layers at the site),
+    ``transfer-dtype``, ``partial-label-mode``/``distill-*`` (ConDistFL) and ``dp-clip``/``dp-noise-multiplier``
+    (client-side differential privacy; ``dp-clip`` 0 = off)."""
     return ConfigRecord({
         "local-epochs": cfg.local_epochs,
         "train-config": cfg.train.model_dump_json(),
         "preprocess-config": cfg.preprocess.model_dump_json(),
         "labels": json.dumps(labels),
-        "proximal-mu": 0.0,
+        "strategy": cfg.strategy,
+        "proximal-mu": float(cfg.proximal_mu) if cfg.strategy == "fedprox" else 0.0,
+        "local-norm": cfg.strategy == "fedbn",
+        "transfer-dtype": cfg.transfer_dtype,
+        "partial-label-mode": cfg.partial_label_mode,
+        "distill-weight": float(cfg.distill_weight),
+        "distill-temperature": float(cfg.distill_temperature),
+        "dp-clip": float(cfg.dp_clip or 0.0),
+        "dp-noise-multiplier": float(cfg.dp_noise_multiplier),
     })
 
 
+def _resume_point(cfg: FederationConfig, labels: dict[str, int], model: torch.nn.Module) -> tuple[int, dict | None]:
+    """Last finished round of an earlier run in ``cfg.out`` (weights loaded into ``model``) and its history.
+
+    ``global_model.pt`` is written last in each round, so its round is the one to continue from;
+    history entries of later rounds (written just before a crash) are dropped and redone.
+    """
+    out = Path(cfg.out)
+    ckpt_path, hist_path = out / "global_model.pt", out / "history.json"
+    if not (cfg.resume and ckpt_path.exists() and hist_path.exists()):
+        return 0, None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:
+        if {k: int(v) for k, v in ckpt["labels"].items()} != labels:
+            raise ValueError(f"labels {ckpt['labels']} differ from {labels}")
+        model.load_state_dict(ckpt["state_dict"])
+    except (ValueError, RuntimeError) as err:
+        raise FadalInputError(f"{ckpt_path}: cannot resume this earlier run ({err}); use a new `out:` or "
+                              "`resume: false`") from err
+    done = int(ckpt["round"])
+    history = json.loads(hist_path.read_text())
+    history["rounds"] = [r for r in history.get("rounds", []) if r["round"] <= done]
+    return done, history
+
+
+#: Strategy attributes that must survive a restart: FedAdam/FedYogi moments, the DP accountant.
+_STATEFUL = ("m_t", "v_t", "privacy")
+
+
+def _save_strategy_state(strategy, path: Path, server_round: int) -> None:
+    state = {k: getattr(strategy, k) for k in _STATEFUL if getattr(strategy, k, None) is not None}
+    if state:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"round": server_round, **state}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+
+def _load_strategy_state(strategy, path: Path, server_round: int) -> None:
+    if not path.exists():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["round"] != server_round:
+        log(WARNING, "%s is of round %s, not %s: strategy state starts afresh", path, state["round"], server_round)
+        return
+    for key in _STATEFUL:
+        if key in state:
+            setattr(strategy, key, state[key])
+
+
+def _entry(history: dict, server_round: int) -> dict:
+    """This round's history entry (the strategy records sites, loss and bytes in it)."""
+    for entry in history["rounds"]:
+        if entry["round"] == server_round:
+            return entry
+    history["rounds"].append({"round": server_round})
+    return history["rounds"][-1]
+
+
 def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], num_sites: int) -> dict:
-    """Run ``cfg.rounds`` rounds; checkpoint every round; return the history."""
+    """Run rounds up to ``cfg.rounds``, checkpointing after each; return the history.
+
+    Flower's ``Strategy.start`` loop, written out so that it can start at a later round (resume)
+    and so that a round with a failed or vanished site still counts when at least ``min_sites``
+    sites answered (aggregated over those). With fewer the run stops with an error; the last
+    round's checkpoint stays, and submitting the run again continues from there.
+    """
     seed_everything(cfg.train.seed)
     out = Path(cfg.out)
     model = build_network(max(labels.values()) + 1, cfg.train)
     min_sites = cfg.min_sites or num_sites
-    history: dict = {"rounds": [], "config": cfg.model_dump(mode="json")}
-    strategy = build_strategy(cfg, min_sites, history)
-    round_start = [time.perf_counter()]
-
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by the strategy before round 1 (round 0) and after each round's aggregation."""
-        model.load_state_dict(arrays.to_torch_state_dict())
-        if server_round > 0:
-            save_checkpoint(model, out / "checkpoints" / f"round_{server_round:03d}.pt", labels, cfg.train,
-                            cfg.preprocess, {"round": server_round})
-            save_checkpoint(model, out / "global_model.pt", labels, cfg.train, cfg.preprocess, {"round": server_round})
-            entry = history["rounds"][-1] if history["rounds"] and history["rounds"][-1]["round"] == server_round else None
-            if entry is not None:
-                entry["seconds"] = time.perf_counter() - round_start[0]
-            write_json(history, out / "history.json")
-        round_start[0] = time.perf_counter()
-        return None
-
+    done, history = _resume_point(cfg, labels, model)
+    if history is None:
+        history = {"rounds": []}
+    history["config"] = cfg.model_dump(mode="json")
+    strategy = build_strategy(cfg, min_sites, history, num_sites=num_sites)
+    if done:
+        _load_strategy_state(strategy, out / "checkpoints" / "server_state.pt", done)
+        history.setdefault("resumed_after", []).append(done)
+        log(INFO, "Resuming %s after round %s of %s", out, done, cfg.rounds)
+    arrays = ArrayRecord(model.state_dict())
     record = train_config_record(cfg, labels)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=cfg.rounds,
-                   train_config=record, evaluate_config=record, evaluate_fn=checkpoint)
+
+    for rnd in range(done + 1, cfg.rounds + 1):
+        log(INFO, "[ROUND %s/%s]", rnd, cfg.rounds)
+        t0 = time.perf_counter()
+        messages = list(strategy.configure_train(rnd, arrays, record, grid))
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        answered = [m for m in replies if not m.has_error()]
+        if len(answered) < min_sites:
+            raise RuntimeError(f"round {rnd}: {len(answered)} of {len(messages)} sites answered, min_sites is "
+                               f"{min_sites}; {out} holds round {rnd - 1}: submit the run again to resume")
+        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        arrays = aggregated if aggregated is not None else arrays
+        entry = _entry(history, rnd)
+        entry["sampled"] = len(messages)
+        entry["failures"] = len(messages) - len(answered)  # errors and sites that never answered
+
+        evaluate = list(strategy.configure_evaluate(rnd, arrays, record, grid))
+        if evaluate:
+            strategy.aggregate_evaluate(rnd, grid.send_and_receive(evaluate, timeout=cfg.round_timeout))
+
+        model.load_state_dict(arrays.to_torch_state_dict())
+        entry["seconds"] = time.perf_counter() - t0
+        save_checkpoint(model, out / "checkpoints" / f"round_{rnd:03d}.pt", labels, cfg.train, cfg.preprocess,
+                        {"round": rnd})
+        write_json(history, out / "history.json")
+        _save_strategy_state(strategy, out / "checkpoints" / "server_state.pt", rnd)
+        # Written last: the round a restarted server continues from.
+        save_checkpoint(model, out / "global_model.pt", labels, cfg.train, cfg.preprocess, {"round": rnd})
     write_json(history, out / "history.json")
     return history
 

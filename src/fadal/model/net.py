@@ -8,11 +8,15 @@ from monai.networks.nets import UNet
 from fadal.config import TrainConfig
 
 
+_NORMS = {"instance": "instance", "instance-affine": ("instance", {"affine": True}), "batch": "batch"}
+
+
 def build_network(num_classes: int, cfg: TrainConfig | None = None) -> torch.nn.Module:
-    """3D U-Net with instance normalisation.
+    """3D U-Net with instance normalisation (``cfg.norm``).
 
     Instance norm keeps no running statistics, so nothing scanner-specific is averaged across sites
     by federated aggregation (batch-norm statistics from different scanners do not mix well).
+    ``instance-affine`` adds a learned per-channel scale/shift: FedBN keeps those at each site.
     """
     cfg = cfg or TrainConfig()
     channels = tuple(cfg.channels)
@@ -23,8 +27,15 @@ def build_network(num_classes: int, cfg: TrainConfig | None = None) -> torch.nn.
         channels=channels,
         strides=(2,) * (len(channels) - 1),
         num_res_units=1,
-        norm="instance",
+        norm=_NORMS[cfg.norm],
     )
+
+
+def norm_state_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the normalisation layers (parameters and running statistics), in order."""
+    norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+    prefixes = [name + "." for name, mod in model.named_modules() if isinstance(mod, norm_types)]
+    return [k for k in model.state_dict() if any(k.startswith(p) and "." not in k[len(p):] for p in prefixes)]
 
 
 def pick_device() -> torch.device:

@@ -1,0 +1,120 @@
+"""The ServerApp's round loop without any Flower process: resume and drop-out tolerance.
+
+A stand-in Grid delivers each message to a site's ClientApp code in this process (or answers for a
+dead site with the error reply a SuperLink sends), so these run in seconds; the same behaviour
+with real SuperLink/SuperNode processes is tested in tests/integration/test_deployment.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Error, Message, MessageType
+from flwr.serverapp import Grid
+
+from conftest import LABELS, write_site
+from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
+from fadal.federated.client_app import SiteRuntime, local_evaluate, local_train
+from fadal.federated.server_app import run_federation
+
+
+class LocalGrid(Grid):
+    """Node ``i`` is ``sites[i]``; nodes in ``dead`` answer like a SuperNode that vanished."""
+
+    def __init__(self, sites: list[SiteRuntime], dead: tuple[int, ...] = ()) -> None:
+        self.sites, self.dead, self.sent = sites, set(dead), 0
+
+    def get_node_ids(self):
+        return list(range(len(self.sites)))
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            self.sent += 1
+            node = msg.metadata.dst_node_id
+            if node in self.dead:
+                replies.append(Message(error=Error(code=0, reason="node_unavail"), reply_to=msg))
+            elif msg.metadata.message_type == MessageType.TRAIN:
+                replies.append(local_train(msg, self.sites[node]))
+            else:
+                replies.append(local_evaluate(msg, self.sites[node]))
+        return replies
+
+    # Not used by the round loop.
+    def set_run(self, run):  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch):
+    """Messages record who sends them; in a real ServerApp process Flower sets this identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def _setup(tmp_path, n_sites: int, **overrides) -> tuple[FederationConfig, list[SiteRuntime]]:
+    paths = [write_site(tmp_path / f"site_{k}", n_labeled=1, n_unlabeled=0, n_test=1) for k in range(n_sites)]
+    cfg = FederationConfig(
+        sites=[SiteSpec(name=p.name, data=p) for p in paths], rounds=1, evaluate_every=0,
+        train=TrainConfig(channels=(4, 8), num_threads=1), preprocess=PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)),
+        out=tmp_path / "run", **overrides,
+    )
+    return cfg, [SiteRuntime(p.name, p, None, False, tmp_path / "cache" / p.name) for p in paths]
+
+
+def _round(path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["round"]
+
+
+def test_restarted_server_continues_after_the_last_finished_round(tmp_path):
+    cfg, sites = _setup(tmp_path, 2)
+    run_federation(LocalGrid(sites), cfg, LABELS, 2)  # "crashes" after round 1 of 3
+    first = (cfg.out / "checkpoints" / "round_001.pt").stat().st_mtime_ns
+
+    grid = LocalGrid(sites)
+    history = run_federation(grid, cfg.model_copy(update={"rounds": 3}), LABELS, 2)
+    assert [r["round"] for r in history["rounds"]] == [1, 2, 3]
+    assert history["resumed_after"] == [1]
+    assert grid.sent == 2 * 2  # rounds 2 and 3 only
+    assert (cfg.out / "checkpoints" / "round_001.pt").stat().st_mtime_ns == first
+    assert _round(cfg.out / "global_model.pt") == 3
+    assert json.loads((cfg.out / "history.json").read_text())["rounds"] == history["rounds"]
+
+    # Finished runs are not redone; resume=false starts over.
+    grid = LocalGrid(sites)
+    run_federation(grid, cfg.model_copy(update={"rounds": 3}), LABELS, 2)
+    assert grid.sent == 0
+    history = run_federation(LocalGrid(sites), cfg.model_copy(update={"resume": False}), LABELS, 2)
+    assert [r["round"] for r in history["rounds"]] == [1] and "resumed_after" not in history
+    assert _round(cfg.out / "global_model.pt") == 1
+
+
+def test_a_round_counts_with_min_sites_answers_and_stops_below(tmp_path):
+    cfg, sites = _setup(tmp_path, 3, min_sites=2)
+    history = run_federation(LocalGrid(sites, dead=(2,)), cfg, LABELS, 3)
+    (entry,) = history["rounds"]
+    assert (entry["sampled"], entry["sites"], entry["failures"]) == (3, 2, 1)
+    assert _round(cfg.out / "global_model.pt") == 1
+
+    strict = cfg.model_copy(update={"min_sites": 0, "rounds": 2})  # 0 = all three
+    with pytest.raises(RuntimeError, match="2 of 3 sites answered"):
+        run_federation(LocalGrid(sites, dead=(2,)), strict, LABELS, 3)
+    assert _round(cfg.out / "global_model.pt") == 1  # round 2 was not written
+    assert not (cfg.out / "checkpoints" / "round_002.pt").exists()

@@ -1,0 +1,252 @@
+"""Strategies: Flower's FedAvg/FedAdam/FedYogi (+ FedProx and FedBN), one way of recording rounds.
+
+Most tests drive real rounds without Ray: the strategy builds the messages, the real
+``local_train`` answers them, the strategy aggregates (:func:`drive_round`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
+
+from conftest import LABELS, write_site
+from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
+from fadal.federated.client_app import SiteRuntime, local_norm_path, local_train
+from fadal.federated.server_app import train_config_record
+from fadal.federated.strategies import RecordingMixin, build_strategy
+from fadal.model.net import build_network, norm_state_keys
+
+TINY = TrainConfig(channels=(4, 8), seed=1)
+PRE = PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0))
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Flower stamps messages with the running task's identity; outside a run, give it one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class FakeGrid:
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return self.node_ids
+
+
+def fed_config(tmp_path, sites, **kw) -> FederationConfig:
+    return FederationConfig(sites=[SiteSpec(name=f"s{k}", data=p) for k, p in enumerate(sites)],
+                            train=kw.pop("train", TINY), preprocess=PRE, out=tmp_path / "run", **kw)
+
+
+def drive_round(strategy, server_round: int, arrays: ArrayRecord, record: ConfigRecord, answer) -> tuple:
+    """One training round in-process: configure -> every site's ``answer(node_id, msg)`` -> aggregate."""
+    messages = list(strategy.configure_train(server_round, arrays, record, FakeGrid(answer.nodes)))
+    replies = [answer(m.metadata.dst_node_id, m) for m in messages]
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    return messages, replies, new_arrays, metrics
+
+
+class Sites:
+    """Node id -> the real ClientApp training function on that node's site."""
+
+    def __init__(self, runtimes: dict[int, SiteRuntime]):
+        self.runtimes = runtimes
+        self.nodes = list(runtimes)
+
+    def __call__(self, node: int, msg: Message) -> Message:
+        return local_train(msg, self.runtimes[node])
+
+
+def two_sites(tmp_path) -> tuple[list, Sites]:
+    paths = [write_site(tmp_path / f"site_{k}", n_labeled=1 + k, n_unlabeled=0, n_test=0) for k in range(2)]
+    runtimes = {101 + k: SiteRuntime(f"s{k}", p, None, False, tmp_path / f"cache_{k}") for k, p in enumerate(paths)}
+    return paths, Sites(runtimes)
+
+
+@pytest.mark.parametrize("name,cls", [("fedavg", FedAvg), ("fedprox", FedAvg), ("fedadam", FedAdam),
+                                      ("fedyogi", FedYogi), ("fedbn", FedAvg)])
+def test_build_strategy_uses_flowers_strategy_with_recording(tmp_path, name, cls):
+    cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"], strategy=name, proximal_mu=0.05,
+                     fedopt={"eta": 0.03, "tau": 1e-4})
+    strategy = build_strategy(cfg, 2, {})
+    assert isinstance(strategy, cls) and isinstance(strategy, RecordingMixin)
+    record = train_config_record(cfg, LABELS)
+    assert record["proximal-mu"] == (0.05 if name == "fedprox" else 0.0)
+    assert record["local-norm"] == (name == "fedbn")
+    if name == "fedbn":
+        assert cfg.train.norm == "instance-affine"  # FedBN needs norm layers with parameters
+        assert strategy.local_keys == set(norm_state_keys(build_network(3, cfg.train))) != set()
+    else:
+        assert cfg.train.norm == "instance" and not strategy.local_keys
+    if name in ("fedadam", "fedyogi"):
+        assert strategy.eta == 0.03 and strategy.tau == 1e-4
+
+
+def _constant_reply(msg: Message, value: float, n: int, dtype=np.float32) -> Message:
+    arrays = ArrayRecord({k: Array(np.full(a.shape, value, dtype=dtype)) for k, a in msg.content["arrays"].items()})
+    metrics = MetricRecord({"num-examples": n, "train-loss": value, "train-seconds": 0.1})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def test_fedavg_weights_by_num_examples_and_records_bytes(tmp_path):
+    history: dict = {}
+    cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"])
+    strategy = build_strategy(cfg, 2, history)
+    model = build_network(3, TINY)
+    answer = lambda node, msg: _constant_reply(msg, 1.0 if node == 7 else 5.0, 1 if node == 7 else 3)  # noqa: E731
+    answer.nodes = [7, 8]
+    messages, _, arrays, metrics = drive_round(strategy, 1, ArrayRecord(model.state_dict()), ConfigRecord(), answer)
+    for a in arrays.values():
+        np.testing.assert_allclose(a.numpy(), (1.0 * 1 + 5.0 * 3) / 4)
+    entry = history["rounds"][0]
+    sent = ArrayRecord(model.state_dict()).count_bytes()
+    assert entry["bytes_down_per_site"] == {"7": sent, "8": sent} and entry["bytes_down"] == 2 * sent
+    assert set(entry["bytes_up_per_site"]) == {"7", "8"} and entry["bytes_up"] > 0
+    assert entry["sites"] == 2 and entry["failures"] == 0 and entry["loss"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_server_optimisers_step_from_the_global_model(tmp_path, name):
+    history: dict = {}
+    cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"], strategy=name, fedopt={"eta": 0.01})
+    strategy = build_strategy(cfg, 2, history)
+    model = build_network(3, TINY)
+    glob = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    answer = lambda node, msg: _constant_reply(msg, 0.0, 1)  # noqa: E731 - every site moved every weight to 0
+    answer.nodes = [1, 2]
+    _, _, arrays, _ = drive_round(strategy, 1, ArrayRecord(model.state_dict()), ConfigRecord(), answer)
+    for k, a in arrays.items():
+        step = a.numpy() - glob[k]
+        big = np.abs(glob[k]) > 1e-2
+        # An adaptive server step: towards the sites' average (0), bounded by about eta, not a jump to it.
+        assert np.all(np.sign(step[big]) == -np.sign(glob[k][big]))
+        assert np.abs(step).max() < 0.05
+    assert history["rounds"][0]["sites"] == 2
+
+
+def test_float16_transfer_halves_upload_and_server_averages_in_float32(tmp_path):
+    _, sites = two_sites(tmp_path)
+    history: dict = {}
+    cfg = fed_config(tmp_path, [tmp_path / "site_0", tmp_path / "site_1"], transfer_dtype="float16")
+    strategy = build_strategy(cfg, 2, history)
+    model = build_network(3, TINY)
+    record = train_config_record(cfg, LABELS)
+    sent = {}  # what each site put on the wire (the server converts replies in place when aggregating)
+
+    def answer(node, msg):
+        out = sites(node, msg)
+        sent[node] = {k: a.numpy().copy() for k, a in out.content["arrays"].items()}
+        return out
+
+    answer.nodes = sites.nodes
+    _, _, arrays, _ = drive_round(strategy, 1, ArrayRecord(model.state_dict()), record, answer)
+    assert all(a.dtype == np.float16 for s in sent.values() for a in s.values())
+    assert all(a.dtype == "float32" for a in arrays.values())
+    entry = history["rounds"][0]
+    assert entry["transfer_dtypes"] == ["float16"]
+    for node in ("101", "102"):
+        assert entry["bytes_up_per_site"][node] < 0.65 * entry["bytes_down_per_site"][node]
+    # The average is the float32 average of the float16 values, weighted 1:2 (site sizes).
+    for k, a in arrays.items():
+        ups = [sent[node][k].astype(np.float32) for node in (101, 102)]
+        np.testing.assert_allclose(a.numpy(), (ups[0] * 1 + ups[1] * 2) / 3, rtol=1e-6, atol=1e-7)
+
+
+def test_fedbn_norm_layers_stay_at_each_site(tmp_path):
+    _, sites = two_sites(tmp_path)
+    history: dict = {}
+    cfg = fed_config(tmp_path, [tmp_path / "site_0", tmp_path / "site_1"], strategy="fedbn")
+    strategy = build_strategy(cfg, 2, history)
+    model = build_network(3, cfg.train)
+    norm = set(norm_state_keys(model))
+    record = train_config_record(cfg, LABELS)
+    arrays = ArrayRecord(model.state_dict())
+    saved = {}
+    for rnd in (1, 2):
+        messages, replies, arrays, _ = drive_round(strategy, rnd, arrays, record, sites)
+        for m in messages:  # the server does not send norm layers ...
+            assert not norm & set(m.content["arrays"].keys())
+        for r in replies:  # ... and no site sends its own
+            assert not norm & set(r.content["arrays"].keys())
+            assert set(r.content["arrays"].keys()) == set(model.state_dict()) - norm
+        # The global model keeps every key (checkpointable); its norm layers stay at their init.
+        state = arrays.to_torch_state_dict()
+        assert set(state) == set(model.state_dict())
+        for k in norm:
+            torch.testing.assert_close(state[k], model.state_dict()[k])
+        # Each site kept its own, trained norm layers on its disk, and round 2 started from them.
+        for node, rt in sites.runtimes.items():
+            ckpt = torch.load(local_norm_path(rt), weights_only=True)
+            assert ckpt["run"] == 1 and ckpt["round"] == rnd and set(ckpt["state"]) == norm
+            if rnd == 2:
+                moved = [k for k in norm if not torch.equal(ckpt["state"][k], saved[node][k])]
+                assert moved  # trained further from the round-1 values (restored, then updated)
+            saved[node] = ckpt["state"]
+    differs = [k for k in norm if not torch.allclose(saved[101][k], saved[102][k])]
+    assert differs, "both sites ended with identical norm layers"
+    assert history["rounds"][1]["bytes_down"] < 2 * ArrayRecord(model.state_dict()).count_bytes()
+
+
+def test_fedbn_round_two_restores_the_sites_norm_layers(tmp_path, monkeypatch):
+    """Round 2 of a FedBN site starts from the norm layers it saved, not from the init or the server's."""
+    import fadal.federated.client_app as client_app
+
+    _, sites = two_sites(tmp_path)
+    cfg = fed_config(tmp_path, [tmp_path / "site_0", tmp_path / "site_1"], strategy="fedbn")
+    strategy = build_strategy(cfg, 2, {})
+    model = build_network(3, cfg.train)
+    record = train_config_record(cfg, LABELS)
+    _, _, arrays, _ = drive_round(strategy, 1, ArrayRecord(model.state_dict()), record, sites)
+    round1 = {n: torch.load(local_norm_path(rt), weights_only=True)["state"] for n, rt in sites.runtimes.items()}
+    seen, current = {}, []
+    real = client_app.train_epochs
+
+    def spy(model, *args, **kwargs):
+        seen[current[-1]] = {k: v.clone() for k, v in model.state_dict().items() if k in round1[101]}
+        return real(model, *args, **kwargs)
+
+    def answer(node, msg):
+        current.append(node)
+        return sites(node, msg)
+
+    answer.nodes = sites.nodes
+    monkeypatch.setattr(client_app, "train_epochs", spy)
+    drive_round(strategy, 2, arrays, record, answer)
+    assert set(seen) == {101, 102}
+    for node in sites.nodes:
+        for k, v in round1[node].items():
+            torch.testing.assert_close(seen[node][k], v)
+    # Evaluation (even in round 1) scores the model with the site's latest norm layers.
+    msg = Message(RecordDict({"arrays": strategy._shared(arrays), "config": record}), dst_node_id=101,
+                  message_type="evaluate")
+    record["server-round"] = 1
+    evaluated = client_app._model_from(msg, 3, cfg.train, sites.runtimes[101], client_app._options(msg),
+                                       for_training=False).state_dict()
+    latest = torch.load(local_norm_path(sites.runtimes[101]), weights_only=True)["state"]
+    for k, v in latest.items():
+        torch.testing.assert_close(evaluated[k], v)
+
+
+def test_federated_dice_averages_each_organ_over_the_sites_that_scored_it(tmp_path):
+    """A site that never drew organB has no Dice for it: organB is averaged over the others."""
+    history: dict = {}
+    cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"])
+    strategy = build_strategy(cfg, 2, history)
+    model = build_network(3, TINY)
+    messages = list(strategy.configure_evaluate(1, ArrayRecord(model.state_dict()), ConfigRecord(), FakeGrid([1, 2])))
+    scores = {1: {"num-examples": 1, "dice-mean": 0.5, "dice-organA": 0.5},
+              2: {"num-examples": 3, "dice-mean": 0.7, "dice-organA": 0.9, "dice-organB": 0.5}}
+    replies = [Message(RecordDict({"metrics": MetricRecord(scores[m.metadata.dst_node_id])}), reply_to=m)
+               for m in messages]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["dice-organA"] == pytest.approx((0.5 + 3 * 0.9) / 4)
+    assert metrics["dice-organB"] == pytest.approx(0.5)
+    assert history["rounds"][0]["dice"] == {"mean": pytest.approx(0.65), "organA": pytest.approx(0.8),
+                                            "organB": pytest.approx(0.5)}
