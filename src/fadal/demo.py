@@ -27,14 +27,14 @@ class DemoSettings:
     labeled: int = 3
     unlabeled: int = 6
     test: int = 3
-    rounds: int = 10
+    rounds: int = 12
     local_epochs: int = 2
     seed: int = 0
     evaluate_every: int = 3
     registration_resolutions: int = 3
     registration_iterations: int = 128
     registration_workers: int = 2
-    spacing_mm: float = 4.0
+    spacing_mm: float = 5.0
     channels: tuple[int, ...] = (16, 32, 64, 128)
 
 
@@ -125,18 +125,29 @@ def _navigation_example(out: Path, site: Path, checkpoint: Path) -> tuple[list[t
 
 
 def _amplification_row(summary: dict) -> dict:
-    """A site's amplification summary -> the report's amplification row."""
-    organs: dict[str, list[float]] = {}
-    for info in summary.get("per_case", {}).values():
-        for organ, stats in (info.get("organs") or {}).items():
-            if stats.get("mean_confidence") is not None:
-                organs.setdefault(organ, []).append(stats["mean_confidence"])
+    """A site's amplification summary -> the report's amplification row.
+
+    Mean confidence per organ is over accepted scans only (what training uses); ``rejections`` lists
+    ``"case: reason; reason"`` strings (the report's table ignores keys it does not know).
+    """
+    per_case = summary.get("per_case", {})
+    organs = summary.get("mean_confidence")
+    if organs is None:  # summaries written before QC existed
+        acc: dict[str, list[float]] = {}
+        for info in per_case.values():
+            if info.get("status", "accepted") != "accepted":
+                continue
+            for organ, stats in (info.get("organs") or {}).items():
+                if stats.get("mean_confidence") is not None:
+                    acc.setdefault(organ, []).append(stats["mean_confidence"])
+        organs = {o: sum(v) / len(v) for o, v in acc.items()}
     n = summary.get("n_scans", 0)
-    rejected = len(summary.get("rejected", []))
+    rejected = summary.get("rejected", [])
     return {
         "scans": n,
-        "accepted": n - rejected,
-        "rejected": rejected,
-        "mean_confidence": {o: sum(v) / len(v) for o, v in organs.items()},
+        "accepted": n - len(rejected),
+        "rejected": len(rejected),
+        "mean_confidence": organs,
         "seconds": summary.get("total_seconds", 0.0),
+        "rejections": [f"{r['case']}: {'; '.join(r.get('reasons', []))}" for r in rejected],
     }

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from typer.testing import CliRunner
 
 from fadal.cli import app
@@ -65,6 +66,10 @@ def tiny_checkpoint(tmp_path_factory, shared_data) -> Path:
     labels = {k: i for i, k in enumerate(labels)}  # contiguous values for the network's channels
     cfg = TrainConfig(channels=(4, 8, 16))
     model = build_network(len(labels), cfg)
+    # Make the (untrained) network answer "liver" everywhere, so that every export has an organ to show.
+    last_bias = [k for k in model.state_dict() if k.endswith("bias")][-1]
+    with torch.no_grad():
+        model.state_dict()[last_bias][labels["liver"]] += 50.0
     return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "model.pt", labels, cfg,
                            PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)))
 
@@ -81,6 +86,28 @@ def test_predict_cli_on_real_nifti_and_dicom(shared_data, tmp_path, tiny_checkpo
         pred = read_image(out / f"{name}.nii.gz")
         assert same_geometry(pred, read_image(src)) is None, name
         assert pred.GetPixelID() == sitk.sitkUInt8
+        for fmt in ("stl", "obj", "vtp"):
+            assert (out / name / "meshes" / f"liver.{fmt}").exists()
+        for view in ("view_anterior.png", "view_oblique.png", "overlay.png"):
+            assert (out / name / "views" / view).stat().st_size > 1000
+    # The liver mesh covers the predicted liver in world coordinates (here: the whole scan's box).
+    import trimesh
+
+    mesh = trimesh.load(out / "example_ct_sm" / "meshes" / "liver.stl")
+    image = read_image(nifti)
+    corners = np.array([image.TransformIndexToPhysicalPoint([i * (n - 1) for i, n in zip(c, image.GetSize())])
+                        for c in np.ndindex(2, 2, 2)])
+    spacing = max(image.GetSpacing())
+    assert np.allclose(mesh.bounds[0], corners.min(0), atol=spacing)
+    assert np.allclose(mesh.bounds[1], corners.max(0), atol=spacing)
+    # DICOM input: a DICOM-SEG that re-reads with the CT's frame of reference and one segment.
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(out / "example_ct_dicom" / "seg.dcm")
+    ct = pydicom.dcmread(next(p for p in sorted(dicom.iterdir()) if p.is_file()), stop_before_pixels=True)
+    assert seg.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    assert len(seg.SegmentSequence) == 1 and seg.SegmentSequence[0].SegmentLabel == "liver"
     # Re-running skips finished cases (the files are not rewritten).
     before = (out / "kbp_001.nii.gz").stat().st_mtime_ns
     result = runner.invoke(app, ["predict", str(kbp), "--model", str(tiny_checkpoint), "--out", str(out)])
