@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
+
+from fadal_testing import write_site
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -31,56 +30,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
-
-
-def make_volume(shape=(24, 20, 16), spacing=(2.0, 2.0, 3.0), origin=(0.0, 0.0, 0.0),
-                direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), seed=0) -> tuple[sitk.Image, sitk.Image]:
-    """A tiny CT-like body with two 'organs' (labels 1 and 2). shape is (x, y, z)."""
-    rng = np.random.default_rng(seed)
-    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    cx, cy, cz = [n / 2 for n in shape]
-    body = ((x - cx) / (0.45 * shape[0])) ** 2 + ((y - cy) / (0.45 * shape[1])) ** 2 <= 1
-    organ1 = ((x - cx * 0.7) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) <= (0.18 * min(shape)) ** 2 * 4
-    organ2 = ((x - cx * 1.35) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) <= (0.12 * min(shape)) ** 2 * 4
-    ct = np.where(body, 40.0, -1000.0) + rng.normal(0, 5, shape)
-    ct[organ1] = 80 + rng.normal(0, 5, organ1.sum())
-    ct[organ2] = 150 + rng.normal(0, 5, organ2.sum())
-    lab = np.zeros(shape, np.uint8)
-    lab[organ1] = 1
-    lab[organ2] = 2
-    img = sitk.GetImageFromArray(ct.transpose(2, 1, 0).astype(np.int16))
-    seg = sitk.GetImageFromArray(lab.transpose(2, 1, 0))
-    for im in (img, seg):
-        im.SetSpacing(spacing)
-        im.SetOrigin(origin)
-        im.SetDirection(direction)
-    return img, seg
-
-
-LABELS = {"background": 0, "organA": 1, "organB": 2}
-
-
-def write_site(root: Path, n_labeled=2, n_unlabeled=1, n_test=1, cases_json: dict | None = None) -> Path:
-    """A tiny nnU-Net v2 site folder."""
-    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (root / "labelsTr").mkdir(exist_ok=True)
-    (root / "imagesTs").mkdir(exist_ok=True)
-    (root / "labelsTs").mkdir(exist_ok=True)
-    json.dump({"name": root.name, "channel_names": {"0": "CT"}, "labels": LABELS, "file_ending": ".nii.gz"},
-              open(root / "dataset.json", "w"))
-    k = 0
-    for kind, n in (("labeled", n_labeled), ("unlabeled", n_unlabeled), ("test", n_test)):
-        for _ in range(n):
-            cid = f"case_{k:03d}"
-            img, seg = make_volume(seed=k)
-            folder = "Ts" if kind == "test" else "Tr"
-            sitk.WriteImage(img, str(root / f"images{folder}" / f"{cid}_0000.nii.gz"))
-            if kind != "unlabeled":
-                sitk.WriteImage(seg, str(root / f"labels{folder}" / f"{cid}.nii.gz"))
-            k += 1
-    if cases_json is not None:
-        json.dump(cases_json, open(root / "cases.json", "w"))
-    return root
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import LABELS, make_volume, write_site
+from fadal_testing import LABELS, make_volume, write_site
 from fadal.data.io import FadalInputError, read_image, write_image
 from fadal.data.site import load_site
 

@@ -8,22 +8,13 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from conftest import LABELS, write_site
+from fadal_testing import LABELS, write_site
 from fadal.config import PreprocessConfig, TrainConfig
 from fadal.federated.client_app import ALLOWED_METRICS, SiteRuntime, local_evaluate, local_train, reply
 from fadal.model.net import build_network
 
 TINY = TrainConfig(channels=(4, 8), epochs=1)
 PRE = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0))
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Flower stamps messages with the running task's identity; outside a run, give it one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 def _message(model, labels=LABELS, message_type="train") -> Message:

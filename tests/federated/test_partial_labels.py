@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 from flwr.app import ArrayRecord
 
-from conftest import LABELS, write_site
+from fadal_testing import LABELS, write_site
 from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
 from fadal.federated.client_app import SiteRuntime, local_train
 from fadal.federated.server_app import train_config_record

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from conftest import LABELS, write_site
+from fadal_testing import LABELS, write_site
 from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
 from fadal.federated.client_app import ALLOWED_METRICS, privatise_update
 from fadal.federated.server_app import train_config_record

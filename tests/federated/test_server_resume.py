@@ -14,7 +14,7 @@ import torch
 from flwr.app import Error, Message, MessageType
 from flwr.serverapp import Grid
 
-from conftest import LABELS, write_site
+from fadal_testing import LABELS, write_site
 from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
 from fadal.federated.client_app import SiteRuntime, local_evaluate, local_train
 from fadal.federated.server_app import run_federation

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import write_site
+from fadal_testing import write_site
 from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
 from fadal.model.infer import load_checkpoint
 from fadal.model.net import build_network

@@ -12,7 +12,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 
-from conftest import LABELS, write_site
+from fadal_testing import LABELS, write_site
 from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
 from fadal.federated.client_app import SiteRuntime, local_norm_path, local_train
 from fadal.federated.server_app import train_config_record
@@ -21,15 +21,6 @@ from fadal.model.net import build_network, norm_state_keys
 
 TINY = TrainConfig(channels=(4, 8), seed=1)
 PRE = PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0))
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Flower stamps messages with the running task's identity; outside a run, give it one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 class FakeGrid:

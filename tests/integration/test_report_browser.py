@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import make_volume
+from fadal_testing import make_volume
 from fadal.evaluate.report import write_report
 from fadal.navigation.meshes import organ_meshes
 from fadal.navigation.viewer import viewer_html

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import make_volume
+from fadal_testing import make_volume
 from fadal.config import PreprocessConfig
 from fadal.data.io import read_image, same_geometry, write_image
 from fadal.model.infer import predict_image
