@@ -60,15 +60,6 @@ class LocalGrid(Grid):
         raise NotImplementedError
 
 
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch):
-    """Messages record who sends them; in a real ServerApp process Flower sets this identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 def _setup(tmp_path, n_sites: int, **overrides) -> tuple[FederationConfig, list[SiteRuntime]]:
     paths = [write_site(tmp_path / f"site_{k}", n_labeled=1, n_unlabeled=0, n_test=1) for k in range(n_sites)]
     cfg = FederationConfig(

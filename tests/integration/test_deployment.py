@@ -1,0 +1,310 @@
+"""Flower's deployment engine on loopback, as the README's "Running across hospitals" sets it up.
+
+One SuperLink and three hospital SuperNodes run as real processes (Flower's own executables) with
+TLS and SuperNode authentication; runs are submitted with ``flwr run`` and judged by ``flwr ls``.
+The processes are shared by the tests of this module (starting them costs ~20 s on 2 cores); each
+test restarts what an earlier one killed, and the fixture's teardown stops every process it
+started, and everything those started, and checks that none is left, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from typer.testing import CliRunner
+
+from fadal.federated import deploy
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process bookkeeping reads /proc")
+
+SITES = ["site_A", "site_B", "site_C"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def checkpoint_round(path: Path) -> int | None:
+    return torch.load(path, map_location="cpu", weights_only=False)["round"] if path.exists() else None
+
+
+class Federation:
+    """A coordinator and three hospitals on this machine; remembers every process it started."""
+
+    def __init__(self, root: Path) -> None:
+        from fadal.data.phantom import make_phantom
+
+        self.root = root
+        self.certs = deploy.make_certificates(root / "certs", SITES, server_host="127.0.0.1")
+        self.data = dict(zip(SITES, make_phantom(root / "data", sites=3, labeled=1, unlabeled=0, test=1)))
+        self.port = free_port()
+        self.node_ports = {name: free_port() for name in SITES}
+        self.link_home, self.coordinator_home = root / "flwr-superlink", root / "flwr-coordinator"
+        deploy.write_connection(self.coordinator_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"])
+        self.app = deploy.write_app(self.coordinator_home / "app")
+        self.link = None
+        self.nodes: dict[str, object] = {}
+        self.started: list = []  # every Popen
+        self.descendants: set[deploy.ProcessId] = set()  # what those started (ServerApp, ClientApps, ...)
+
+    # -- processes
+    def start_link(self) -> None:
+        self.link = deploy.start_superlink(self.certs["coordinator"], self.port, self.root / "superlink.db",
+                                           self.link_home, host="127.0.0.1", log=self.root / "superlink.log")
+        self.started.append(self.link)
+        deploy.wait_for_port("127.0.0.1", self.port, self.link, timeout=90)
+        deploy.write_connection(self.link_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"])
+        assert deploy.register_supernodes(self.certs["coordinator"], self.link_home) == SITES
+
+    def start_node(self, name: str) -> object:
+        self.nodes[name] = self._supernode(name, self.certs["sites"][name], self.node_ports[name], name)
+        return self.nodes[name]
+
+    def _supernode(self, name: str, certs: Path, port: int, label: str) -> object:
+        proc = deploy.start_supernode(certs, f"127.0.0.1:{self.port}", self.data[name], name, port,
+                                      self.root / f"flwr-{label}", cache_dir=self.root / "cache" / label,
+                                      log=self.root / f"{label}.log")
+        self.started.append(proc)
+        return proc
+
+    def ensure_running(self) -> None:
+        if self.link is None or self.link.poll() is not None:
+            self.start_link()
+        for name in SITES:
+            if name not in self.nodes or self.nodes[name].poll() is not None:
+                self.start_node(name)
+
+    def crash(self, proc) -> None:
+        """SIGKILL a process and everything it started: that machine lost power."""
+        kids = deploy.descendants(proc.pid)
+        self.descendants.update(kids)
+        proc.kill()
+        for pid, _ in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+    def close(self) -> list[int]:
+        """Stop everything; return the pids still running afterwards (should be none)."""
+        for proc in self.started:
+            if proc.poll() is None:
+                self.descendants.update(deploy.descendants(proc.pid))
+        deploy.stop(self.started)
+        end = time.monotonic() + 10
+        while (left := [p[0] for p in self.descendants if deploy.alive(p)]) and time.monotonic() < end:
+            time.sleep(0.2)
+        return [p.pid for p in self.started if p.poll() is None] + left
+
+    # -- runs
+    def config(self, name: str, **overrides) -> Path:
+        cfg = {
+            "rounds": 2, "local_epochs": 1, "evaluate_every": 0, "out": f"runs/{name}",
+            "sites": [{"name": s, "data": str(self.data[s])} for s in SITES],
+            "train": {"channels": [4, 8], "num_threads": 1, "seed": 0},
+            "preprocess": {"spacing_mm": [8, 8, 8]},
+            **overrides,
+        }
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def out(self, name: str) -> Path:
+        return self.root / "runs" / name
+
+    def submit(self, config: Path, timeout: float = 300) -> dict:
+        return deploy.submit_run(self.app, deploy.CONNECTION, config, self.coordinator_home, timeout=timeout)
+
+    def submit_in_background(self, config: Path) -> tuple[threading.Thread, dict]:
+        box: dict = {}
+
+        def target() -> None:
+            try:
+                box["result"] = self.submit(config)
+            except Exception as err:  # noqa: BLE001 - inspected by the test
+                box["error"] = err
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        return thread, box
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    fed = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # inherited by every Flower process and app
+        try:
+            fed = Federation(tmp_path_factory.mktemp("deploy"))
+            fed.ensure_running()
+            yield fed
+        finally:
+            if fed is not None:
+                assert fed.close() == [], "processes left running after stop()"
+
+
+@pytest.fixture
+def running(federation):
+    federation.ensure_running()
+    return federation
+
+
+# --------------------------------------------------------------------------------------------------
+# No processes: keys, certificates and the app bundle
+# --------------------------------------------------------------------------------------------------
+
+def test_certificates_keys_and_cli(tmp_path):
+    from fadal.cli import app
+
+    res = CliRunner().invoke(app, ["certs", "--sites", "site_A,site_B", "--out", str(tmp_path / "c"),
+                                   "--server-host", "coordinator.example.org"])
+    assert res.exit_code == 0, res.output
+    c = tmp_path / "c"
+    for secret in ("coordinator/ca.key", "coordinator/server.key", "site_A/supernode.key", "site_B/supernode.key"):
+        assert (c / secret).stat().st_mode & 0o777 == 0o600, secret
+    ca = x509.load_pem_x509_certificate((c / "coordinator/ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((c / "coordinator/server.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"coordinator.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    key = load_ssh_private_key((c / "site_A/supernode.key").read_bytes(), None)  # what flower-supernode reads
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key((c / "coordinator/supernodes/site_A.pub").read_bytes()) == key.public_key()
+    assert (c / "site_A/ca.crt").read_bytes() == (c / "coordinator/ca.crt").read_bytes()
+
+    # Adding a hospital later keeps the CA and the existing hospitals' keys.
+    before = (c / "site_A/supernode.key").read_bytes(), (c / "coordinator/ca.crt").read_bytes()
+    deploy.make_certificates(c, ["site_A", "site_B", "site_C"], "coordinator.example.org")
+    assert ((c / "site_A/supernode.key").read_bytes(), (c / "coordinator/ca.crt").read_bytes()) == before
+    assert (c / "coordinator/supernodes/site_C.pub").exists()
+
+
+def test_app_bundle_is_the_repository_flower_app(tmp_path):
+    """`flwr run` ships deploy.APP_PYPROJECT; it must say what the repository's pyproject says."""
+    from flwr.common.config import validate_config
+
+    repo = tomllib.loads((REPO / "pyproject.toml").read_text())
+    bundle = tomllib.loads((deploy.write_app(tmp_path) / "pyproject.toml").read_text())
+    for key in ("publisher", "components", "config"):
+        assert bundle["tool"]["flwr"]["app"][key] == repo["tool"]["flwr"]["app"][key], key
+    assert set(repo["tool"]["flwr"]["app"]["config"]) == {"fadal-config", "labels"}  # what submit_run sends
+    for config in (repo, bundle):
+        ok, errors, _ = validate_config(config, check_module=True, project_dir=REPO)
+        assert ok, errors
+
+
+# --------------------------------------------------------------------------------------------------
+# Real processes
+# --------------------------------------------------------------------------------------------------
+
+def test_unregistered_supernode_is_refused(running, tmp_path):
+    """SuperNode authentication is on: a key the coordinator did not register cannot join."""
+    rogue = deploy.make_certificates(tmp_path / "rogue", ["site_A"])["sites"]["site_A"]  # same name, other key
+    (rogue / "ca.crt").write_bytes(running.certs["ca_cert"].read_bytes())  # even with the right CA
+    proc = running._supernode("site_A", rogue, free_port(), "rogue")
+    try:
+        proc.wait(timeout=90)  # a SuperNode that is let in never exits by itself
+    except Exception:
+        pytest.fail("an unregistered SuperNode was not refused:\n" + running.logs())
+    assert "Failed to initialize the connection" in (running.root / "rogue.log").read_text()
+
+
+def test_three_hospitals_two_rounds_over_tls(running):
+    """The coordinator's command, `fadal federate --deployment`, against the running federation."""
+    from fadal.cli import app
+
+    res = CliRunner().invoke(app, ["federate", "--config", str(running.config("plain")), "--deployment",
+                                   "--server", f"127.0.0.1:{running.port}", "--certs", str(running.root / "certs"),
+                                   "--home", str(running.coordinator_home)])
+    assert res.exit_code == 0, res.output[-4000:] + running.logs()
+    assert "federated rounds" in res.output  # the history table
+
+    out = running.out("plain")
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2]
+    assert all(r["sites"] == 3 and r["failures"] == 0 and r["bytes_up"] > 0 for r in history["rounds"])
+    assert (out / "checkpoints" / "round_001.pt").exists() and (out / "checkpoints" / "round_002.pt").exists()
+    assert checkpoint_round(out / "global_model.pt") == 2
+
+
+def test_a_hospital_crashes_mid_run_and_the_others_finish(running):
+    """min_sites=2: site_C's machine dies after round 1; round 2 is aggregated over site_A and site_B.
+
+    Killed with SIGKILL, the SuperNode cannot say goodbye: the SuperLink notices when its heartbeats
+    stop (Flower 1.42: 30 s interval, 2 missed) and answers the ServerApp with an error for it."""
+    config = running.config("dropout", min_sites=2)
+    out = running.out("dropout")
+    thread, box = running.submit_in_background(config)
+    wait_for(lambda: (out / "checkpoints" / "round_001.pt").exists() or not thread.is_alive(), 240, "round 1")
+    running.crash(running.nodes["site_C"])
+    thread.join(300)
+    assert not thread.is_alive() and "error" not in box, box
+    result = box["result"]
+    assert result["ok"], f"{result['status']} {result.get('status-details')}\n{result['log'][-4000:]}\n{running.logs()}"
+
+    r1, r2 = json.loads((out / "history.json").read_text())["rounds"]
+    assert (r1["sites"], r1["failures"]) == (3, 0)
+    assert (r2["sampled"], r2["sites"], r2["failures"]) == (3, 2, 1)
+    assert len(r2["bytes_up_per_site"]) == 2
+    assert checkpoint_round(out / "global_model.pt") == 2
+
+
+def test_coordinator_crash_then_restart_resumes_from_last_round(running):
+    """The SuperLink's machine dies after round 1; restarted on the same database, the hospitals'
+    SuperNodes reconnect by themselves, and the same submission continues with round 2 only."""
+    config = running.config("resume")
+    out = running.out("resume")
+    thread, box = running.submit_in_background(config)
+    wait_for(lambda: checkpoint_round(out / "global_model.pt") == 1 or not thread.is_alive(), 240, "round 1")
+    round1_written = (out / "checkpoints" / "round_001.pt").stat().st_mtime_ns
+    running.crash(running.link)
+    thread.join(120)
+    assert not thread.is_alive()
+    assert "error" in box or not box["result"]["ok"]  # the interrupted run did not complete
+    assert checkpoint_round(out / "global_model.pt") == 1
+
+    running.start_link()  # same port and database: registrations are kept (registering again is a no-op)
+    assert all(node.poll() is None for node in running.nodes.values()), "a SuperNode gave up:\n" + running.logs()
+    result = running.submit(config)
+    assert result["ok"], f"{result['status']} {result.get('status-details')}\n{result['log'][-4000:]}\n{running.logs()}"
+
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history["rounds"]] == [1, 2]
+    assert history["resumed_after"] == [1]
+    assert all(r["sites"] == 3 for r in history["rounds"])
+    assert (out / "checkpoints" / "round_001.pt").stat().st_mtime_ns == round1_written  # round 1 not redone
+    assert checkpoint_round(out / "global_model.pt") == 2
