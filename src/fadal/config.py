@@ -113,7 +113,7 @@ class SynthesisConfig(_Strict):
     registration: RegistrationConfig = Field(
         default_factory=_coarse_registration,
         description="Atlas -> unlabeled registration on the preprocessed grid; its deformation fields are the "
-        "spatial transforms that get sampled.")
+        "spatial transforms that get sampled. Its failure thresholds (min_ncc, min_body_dice) drop failed ones.")
     max_targets: int = Field(8, ge=1, description="Unlabeled scans per atlas whose transforms are learned.")
     appearance: Literal["field", "none"] = Field(
         "field", description="'field': additive intensity field (target brought back into the atlas frame minus "
@@ -124,9 +124,6 @@ class SynthesisConfig(_Strict):
     appearance_max: float = Field(0.2, ge=0, description="Clip of the appearance field (windowed intensity units, 1 = the HU window).")
     appearance_scale: tuple[float, float] = Field(
         (0.0, 1.0), description="Each draw scales its appearance field by a factor drawn uniformly in this range.")
-    min_similarity: float = Field(
-        0.3, ge=-1, le=1, description="Transforms whose registration reached a lower NCC (in the target's body) "
-        "are not sampled: a failed registration would teach a wrong label.")
     fraction: float = Field(0.5, ge=0, lt=1, description="Share of synthetic pairs among the training samples.")
     seed: int = 0
 

@@ -15,6 +15,14 @@ ORGANS = [
     (3, 700.0, (0.0, 38.0, 0.0), (10.0, 10.0, 80.0)),  # "spine" (bone)
 ]
 BODY = ((0.0, 0.0, 0.0), (80.0, 62.0, 90.0), 20.0)
+#: Unlabelled structures as (HU, centre mm, radii mm): lungs on top and a bladder below make the
+#: anatomy differ from its craniocaudal mirror image, as real anatomy does (the initialisation tests
+#: search along z).
+UNLABELLED = [
+    (-850.0, (-35.0, 0.0, 62.0), (26.0, 30.0, 36.0)),
+    (-850.0, (35.0, 0.0, 62.0), (26.0, 30.0, 36.0)),
+    (5.0, (0.0, -15.0, -62.0), (22.0, 18.0, 16.0)),
+]
 
 
 def _anatomy(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -24,6 +32,8 @@ def _anatomy(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centre, radii, body_hu = BODY
     inside = (((points - centre) / radii) ** 2).sum(1) <= 1.0
     hu[inside] = body_hu
+    for struct_hu, c, r in UNLABELLED:
+        hu[inside & ((((points - np.asarray(c)) / np.asarray(r)) ** 2).sum(1) <= 1.0)] = struct_hu
     for value, organ_hu, c, r in ORGANS:
         m = inside & ((((points - np.asarray(c)) / np.asarray(r)) ** 2).sum(1) <= 1.0)
         hu[m] = organ_hu

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fadal.amplify.fuse import fuse_files, fused_classes, majority_vote
+from fadal.amplify.fuse import fuse_files, fused_classes, local_log_weights, majority_vote, staple_fusion, weighted_vote
 from fadal.data.io import FadalInputError
 
 
@@ -104,4 +104,106 @@ def test_fuse_files_keeps_reference_geometry(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(label), want_label)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(conf), want_conf)
     with pytest.raises(FadalInputError, match="method"):
-        fuse_files(paths, ref, 3, method="staple")
+        fuse_files(paths, ref, 3, method="bogus")
+
+
+# --------------------------------------------------------------------------------------------------
+# weighted voting and STAPLE
+# --------------------------------------------------------------------------------------------------
+
+def _ball(shape, centre, radius):
+    z, y, x = np.indices(shape)
+    return ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) <= radius ** 2
+
+
+def _known_answer_case():
+    """Truth: a ball (organ 1, 60 HU in a 0 HU body). Atlas 0 is registered right; atlases 1 and 2
+    were misregistered 7 voxels up and down: their labels and their warped scans are shifted alike.
+    A strict majority keeps only voxels two atlases share, which erodes the ball at both poles."""
+    shape, centre, radius = (40, 24, 24), (20, 12, 12), 7
+    truth = _ball(shape, centre, radius).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    target = np.where(truth == 1, 60.0, 0.0) + rng.normal(0, 5, shape)
+    labels, images = [], []
+    for dz in (0, 7, -7):
+        lab = np.roll(truth, dz, axis=0)
+        labels.append(lab)
+        images.append(np.where(lab == 1, 60.0, 0.0) + rng.normal(0, 5, shape))
+    return truth, target, labels, images
+
+
+def _dice1(a, b):
+    return 2.0 * np.logical_and(a == 1, b == 1).sum() / ((a == 1).sum() + (b == 1).sum())
+
+
+def test_weighted_vote_downweights_misregistered_atlases():
+    truth, target, labels, images = _known_answer_case()
+    majority, _ = majority_vote(labels, 2)
+    log_w = local_log_weights(target, images, (1.0, 1.0, 1.0), sigma_hu=30.0, radius_mm=2.0)
+    weighted, conf = weighted_vote(labels, log_w, 2)
+    d_major, d_weighted = _dice1(majority, truth), _dice1(weighted, truth)
+    assert d_weighted > 0.97 and d_weighted > d_major + 0.1, (d_major, d_weighted)
+    assert conf.min() >= 0 and conf.max() <= 1
+    # Equal weights are exactly the majority rule.
+    equal, equal_conf = weighted_vote(labels, [np.zeros(truth.shape, np.float32)] * 3, 2)
+    np.testing.assert_array_equal(equal, majority)
+    np.testing.assert_allclose(equal_conf, majority_vote(labels, 2)[1], atol=1e-6)
+    # Weights far below exp(-100) everywhere still normalise (no 0/0).
+    low, _ = weighted_vote(labels, [w - 1e4 for w in log_w], 2)
+    np.testing.assert_array_equal(low, weighted)
+
+
+def test_staple_beats_majority_when_good_atlases_are_outnumbered_locally():
+    truth, _, labels, _ = _known_answer_case()
+    # Two faithful atlases and the two misregistered ones: a strict majority needs 3 of 4.
+    four = [labels[0], labels[0].copy(), labels[1], labels[2]]
+    majority, _ = majority_vote(four, 2)
+    staple, conf = staple_fusion(four, 2)
+    assert _dice1(staple, truth) > 0.97 and _dice1(staple, truth) > _dice1(majority, truth) + 0.1
+    assert conf.dtype == np.float32 and conf.min() >= 0 and conf.max() <= 1
+    # Unanimous atlases: STAPLE returns them, with full confidence.
+    same, same_conf = staple_fusion([truth, truth, truth], 2)
+    np.testing.assert_array_equal(same, truth)
+    assert same_conf.min() > 0.99
+
+
+@pytest.mark.parametrize("method", ["majority", "weighted", "staple"])
+def test_partial_annotation_respected_by_every_method(method):
+    # Organ 2 (a ball) is drawn by atlas 0 only; atlases 1 and 2 drew organ 1 only and say 0 there.
+    shape = (20, 20, 20)
+    organ1, organ2 = _ball(shape, (6, 10, 10), 4), _ball(shape, (14, 10, 10), 4)
+    full = np.where(organ1, 1, np.where(organ2, 2, 0)).astype(np.uint8)
+    only1 = np.where(organ1, 1, 0).astype(np.uint8)
+    labels, annotated = [full, only1, only1.copy()], [{1, 2}, {1}, {1}]
+    if method == "majority":
+        label, _ = majority_vote(labels, 3, annotated)
+        blind, _ = majority_vote(labels, 3)
+    elif method == "staple":
+        label, _ = staple_fusion(labels, 3, annotated)
+        blind, _ = staple_fusion(labels, 3)
+    else:
+        scan = np.where(organ1, 60.0, np.where(organ2, 120.0, 0.0))
+        log_w = local_log_weights(scan, [scan] * 3, (1.0, 1.0, 1.0))
+        label, _ = weighted_vote(labels, log_w, 3, annotated)
+        blind, _ = weighted_vote(labels, log_w, 3)
+    np.testing.assert_array_equal(label, full)
+    assert (blind == 2).sum() == 0  # counting "not drawn" as background would erase organ 2
+
+
+def test_fuse_files_weighted_needs_warped_scans(tmp_path):
+    truth, target, labels, images = _known_answer_case()
+    ref = sitk.GetImageFromArray(target.astype(np.float32))
+    ref.SetSpacing((1.0, 1.0, 1.0))
+    lpaths, ipaths = [], []
+    for i, (lab, im) in enumerate(zip(labels, images)):
+        for arr, dest in ((lab, lpaths), (im.astype(np.float32), ipaths)):
+            img = sitk.GetImageFromArray(arr)
+            img.CopyInformation(ref)
+            dest.append(tmp_path / f"{'l' if dest is lpaths else 'i'}{i}.nii.gz")
+            sitk.WriteImage(img, str(dest[-1]))
+    with pytest.raises(FadalInputError, match="image_paths"):
+        fuse_files(lpaths, ref, 2, method="weighted")
+    label, conf = fuse_files(lpaths, ref, 2, method="weighted", image_paths=ipaths, sigma_hu=30.0, radius_mm=2.0)
+    assert _dice1(sitk.GetArrayFromImage(label), truth) > 0.97
+    label, conf = fuse_files(lpaths, ref, 2, method="staple")
+    assert label.GetPixelID() == sitk.sitkUInt8 and conf.GetPixelID() == sitk.sitkFloat32

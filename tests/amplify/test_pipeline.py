@@ -90,3 +90,49 @@ def test_amplify_site_outputs_and_resumes(tmp_path, phantom, fast_cfg, dice_scor
     assert third["n_amplified_this_run"] == 1 and third["n_registrations_this_run"] == 0
     prov = json.loads((out / "provenance" / "u001.json").read_text())
     assert [a["cached"] for a in prov["atlases"]] == [True, True]
+
+
+def test_failed_atlas_excluded_and_unregistrable_scan_rejected(tmp_path, phantom, fast_cfg, one_itk_thread):
+    """a003's scan is noise (its registration must fail and be left out of u001's fusion); u002 is no
+    body at all (every atlas fails on it: rejected, no label file, skipped by training)."""
+    from fadal.data.site import load_site
+    from fadal.demo import _amplification_row
+    from fadal.model.train import site_training_items
+
+    site, out = tmp_path / "site", tmp_path / "out"
+    _write_site(site, phantom)
+    rng = np.random.default_rng(0)
+    good, good_lab = phantom(40, 5.0, shift_mm=(-5.0, 3.0, -4.0), warp_mm=3.0, seed=3)
+    noise = sitk.GetImageFromArray(rng.uniform(-1000, 1000, size=(40, 40, 40)).astype(np.int16))
+    noise.CopyInformation(good)
+    sitk.WriteImage(noise, str(site / "imagesTr" / "a003_0000.nii.gz"))
+    sitk.WriteImage(good_lab, str(site / "labelsTr" / "a003.nii.gz"))
+    cube = np.full((32, 32, 32), -1000, np.int16)
+    cube[12:18, 12:18, 12:18] = 900  # a small bone-like block in air: not a body
+    junk = sitk.GetImageFromArray(cube)
+    junk.SetSpacing((4.0, 4.0, 4.0))
+    sitk.WriteImage(junk, str(site / "imagesTr" / "u002_0000.nii.gz"))
+
+    summary = amplify_site(site, out, AmplifyConfig(registration=fast_cfg(workers=1)))
+    prov = json.loads((out / "provenance" / "u001.json").read_text())
+    status = {a["case"]: a["status"] for a in prov["atlases"]}
+    assert status == {"a001": "used", "a002": "used", "a003": "failed"}
+    bad = next(a for a in prov["atlases"] if a["case"] == "a003")
+    assert bad["reason"].startswith("registration failed:") and "NCC" in bad["reason"]
+    assert prov["status"] == "accepted" and (out / "labels" / "u001.nii.gz").exists()
+
+    rejected = json.loads((out / "provenance" / "u002.json").read_text())
+    assert rejected["status"] == "rejected" and rejected["reasons"] == ["all 3 atlas registrations failed"]
+    assert all(a["status"] == "failed" for a in rejected["atlases"])
+    assert not (out / "labels" / "u002.nii.gz").exists() and not (out / "confidence" / "u002.nii.gz").exists()
+    assert summary["n_scans"] == 2 and summary["n_accepted"] == 1 and summary["n_rejected"] == 1
+    assert summary["rejected"] == [{"case": "u002", "reasons": ["all 3 atlas registrations failed"]}]
+    assert set(summary["mean_confidence"]) == {"liver", "kidney", "spine"}
+
+    items = site_training_items(load_site(site, validate=False), out, use_amplified=True)
+    assert [i["label"] for i in items if i["label"].startswith(str(out))] == [str(out / "labels" / "u001.nii.gz")]
+    assert items[-1]["known"] == [1, 2, 3]  # organs_fused of u001
+
+    row = _amplification_row(summary)
+    assert (row["scans"], row["accepted"], row["rejected"]) == (2, 1, 1)
+    assert row["rejections"] == ["u002: all 3 atlas registrations failed"]

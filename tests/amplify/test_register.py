@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fadal.amplify.register import RegistrationResult, pair_key, register_atlas, register_many
+from fadal.amplify.register import (
+    RegistrationResult,
+    body_mask_array,
+    pair_key,
+    register_atlas,
+    register_many,
+    registration_failure,
+)
 from fadal.data.io import FadalInputError, resample_like
 
 pytestmark = [
@@ -80,3 +87,107 @@ def test_register_many_two_workers(phantom_pair, tmp_path, fast_cfg):
     for r, (fixed, _, _) in zip(results, good):
         _assert_same_grid(sitk.ReadImage(str(r.warped_label)), sitk.ReadImage(str(fixed)))
         assert r.metric_after > r.metric_before
+
+
+# --------------------------------------------------------------------------------------------------
+# robustness: body masks, initialisation, failure detection
+# --------------------------------------------------------------------------------------------------
+
+def _cropped_target(tmp_path, phantom):
+    """Atlas: a whole phantom body (56^3 at 4 mm). Target: another subject, its body 40/30 mm off the
+    centre of its field of view (64^3), of which only a craniocaudal slab (z in [-102, 10] mm of the
+    body) was scanned, stored with an unrelated origin: centre alignment is off by ~70 mm."""
+    atlas, atlas_lab = phantom(56, 4.0, warp_mm=3.0, seed=2)
+    target, target_lab = phantom(64, 4.0, shift_mm=(40.0, 30.0, 0.0), seed=1)
+    target, target_lab = target[:, :, 6:34], target_lab[:, :, 6:34]
+    for im in (target, target_lab):
+        im.SetOrigin((40.0, -30.0, 250.0))
+    paths = {}
+    for name, im in {"fixed": target, "fixed_label": target_lab, "atlas": atlas, "atlas_label": atlas_lab}.items():
+        paths[name] = tmp_path / "crop" / f"{name}.nii.gz"
+        paths[name].parent.mkdir(exist_ok=True)
+        sitk.WriteImage(im, str(paths[name]))
+    # Fixed point x shows the atlas anatomy at x + t (origin -126 mm before the crop, 6 slices cut).
+    expected_t = np.array([-126.0 - 40.0 - 40.0, -126.0 + 30.0 - 30.0, -126.0 + 24.0 - 250.0])
+    return paths, expected_t
+
+
+def test_search_initialisation_registers_a_cropped_shifted_target(phantom, tmp_path, fast_cfg, dice_score):
+    p, expected_t = _cropped_target(tmp_path, phantom)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(p["fixed_label"])))
+    results = {}
+    for init in ("geometric_center", "search"):
+        cfg = fast_cfg(initialization=init)
+        res = register_atlas(p["fixed"], p["atlas"], p["atlas_label"], tmp_path / "reg", cfg)
+        results[init] = dice_score(sitk.GetArrayFromImage(sitk.ReadImage(str(res.warped_label))), truth), res
+    (d_search, res), (d_centre, centre) = results["search"], results["geometric_center"]
+    assert d_search > 0.8 and d_centre < 0.3, (d_search, d_centre)
+    assert np.abs(np.asarray(res.init_translation_mm) - expected_t).max() < 15.0, res.init_translation_mm
+    assert not res.metric_before > 0.3  # before: the scans hardly overlap in world space (NaN if not at all)
+    assert res.metric_init > 0.5 and res.metric_after > 0.5
+    # The target is a slab of the atlas's body: it is covered, and the body masks agree.
+    assert res.overlap > 0.95 and res.body_dice > 0.95
+    assert registration_failure(res, fast_cfg()) is None
+    assert registration_failure(centre, fast_cfg()) is not None  # centre alignment's failure is caught
+
+
+def test_flipped_atlas_is_detected_as_failed(phantom_pair, tmp_path, fast_cfg):
+    """An atlas whose voxels are upside down (header unchanged: the anatomy is wrong in world space).
+    Detected either by elastix giving up or by the thresholds; either way it is a failed atlas."""
+    p = phantom_pair
+    atlas = sitk.ReadImage(str(p["atlas"]))
+    flipped = sitk.GetImageFromArray(sitk.GetArrayFromImage(atlas)[::-1, ::-1])
+    flipped.CopyInformation(atlas)
+    path = tmp_path / "flipped.nii.gz"
+    sitk.WriteImage(flipped, str(path))
+    cfg = fast_cfg()
+    pairs = [(p["fixed"], p["atlas"], p["atlas_label"]), (p["fixed"], path, p["atlas_label"])]
+    good, bad = register_many(pairs, tmp_path / "reg", cfg, errors="record")
+    assert registration_failure(good, cfg) is None
+    assert registration_failure(bad, cfg) is not None, (bad.metric_after, bad.body_dice)
+
+
+def test_failure_thresholds_are_applied_at_use_and_not_in_the_cache_key(phantom_pair, fast_cfg):
+    cfg = fast_cfg()
+    f = phantom_pair["fixed"]
+    ok = RegistrationResult(fixed=f, moving=f, warped_label=f, metric_before=0.1, metric_after=0.6, seconds=1.0,
+                            cached=False, body_dice=0.95, overlap=0.9)
+    assert registration_failure(ok, cfg) is None
+    for field, value, word in (("metric_after", 0.2, "NCC"), ("body_dice", 0.7, "body-mask Dice"),
+                               ("overlap", 0.1, "covers"), ("metric_after", float("nan"), "NCC")):
+        bad = RegistrationResult(**{**ok.__dict__, field: value})
+        assert word in registration_failure(bad, cfg)
+    assert registration_failure(RegistrationResult(**{**ok.__dict__, "metric_after": 0.2}),
+                                cfg.model_copy(update={"min_ncc": 0.1})) is None
+    args = (phantom_pair["fixed"], phantom_pair["atlas"], phantom_pair["atlas_label"])
+    relaxed = cfg.model_copy(update={"min_ncc": 0.0, "min_body_dice": 0.0, "min_overlap": 0.0, "workers": 3})
+    assert pair_key(*args, relaxed) == pair_key(*args, cfg)
+    assert pair_key(*args, cfg.model_copy(update={"initialization": "center_of_gravity"})) != pair_key(*args, cfg)
+
+
+def test_body_mask_drops_table_and_fills_lungs():
+    hu = np.full((20, 40, 40), -1000.0)
+    z, y, x = np.indices(hu.shape)
+    hu[((y - 18) ** 2 + (x - 20) ** 2) <= 12 ** 2] = 40.0  # body cylinder along z (array axis 0)
+    hu[((y - 15) ** 2 + (x - 14) ** 2) <= 3 ** 2] = -850.0  # a lung inside
+    hu[:, 34, 2:38] = 100.0  # a thin table below, not touching
+    hu[:, 31:34, 20] = 100.0  # ...and a one-voxel strut joining it to the body
+    m = body_mask_array(hu, axial_axis=0)
+    assert m[:, 15, 14].all()  # lung filled
+    assert not m[:, 34, 5].any()  # table gone
+    assert m.sum() == pytest.approx((((y - 18) ** 2 + (x - 20) ** 2) <= 12 ** 2).sum(), rel=0.02)
+
+
+def test_register_many_records_elastix_failures(phantom_pair, tmp_path, fast_cfg, monkeypatch):
+    import fadal.amplify.register as reg
+
+    def boom(*args, **kwargs):
+        raise reg.RegistrationFailed("elastix gave up (Too many samples map outside moving image buffer)")
+
+    monkeypatch.setattr(reg, "_register_uncached", boom)
+    p = phantom_pair
+    pairs = [(p["fixed"], p["atlas"], p["atlas_label"])]
+    with pytest.raises(FadalInputError, match="1 of 1"):
+        register_many(pairs, tmp_path / "reg", fast_cfg())
+    (res,) = register_many(pairs, tmp_path / "reg", fast_cfg(), errors="record")
+    assert res.error and res.warped_label is None and "Too many samples" in registration_failure(res, fast_cfg())

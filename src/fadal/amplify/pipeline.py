@@ -2,11 +2,18 @@
 
 Outputs (``out_dir``)::
 
-    labels/<case>.nii.gz        fused label map (uint8, the scan's own grid)
-    confidence/<case>.nii.gz    per-voxel fusion confidence (float32, [0, 1])
-    provenance/<case>.json      atlases, their similarity before/after, timings, organs fused (written last)
-    registrations/              cache of warped atlas labels, keyed by content (see register.py)
-    amplification.json          summary of the site
+    labels/<case>.nii.gz        fused label map (uint8, the scan's own grid); accepted scans only
+    confidence/<case>.nii.gz    per-voxel fusion confidence (float32, [0, 1]); accepted scans only
+    provenance/<case>.json      written last, for every scan: "status" (accepted / rejected) and
+                                "reasons"; per atlas its status (used / failed / not_selected), reason,
+                                similarity before / after initialisation / after registration, body
+                                Dice; "qc" (per-organ measures and flags); "organs_fused" = the organs
+                                training may trust (fused and accepted by QC), "organs_demoted"
+    registrations/              cache of warped atlas labels and scans, keyed by content (see register.py)
+    amplification.json          summary of the site (accepted / rejected with reasons, confidence, time)
+
+Training (``fadal.model.train.site_training_items``) uses a scan only when its label file and
+provenance exist, and only the organs in ``organs_fused``: a rejected scan has no label file.
 
 A case is done once its provenance file exists, so an interrupted run resumes where it stopped, and
 registrations finished before the interruption come from the cache.
@@ -19,12 +26,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
+from fadal.amplify.fuse import fuse_files, fused_classes
+from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
+from fadal.amplify.register import RegistrationResult, register_many, registration_failure
 from fadal.config import AmplifyConfig
 from fadal.data.io import FadalInputError, read_image, write_image, write_json
-from fadal.amplify.fuse import fuse_files, fused_classes
-from fadal.amplify.register import RegistrationResult, register_many
 
 Labeled = list[tuple[str, Path, Path, list[int]]]
 Unlabeled = list[tuple[str, Path]]
@@ -97,9 +106,9 @@ def _list_cases(site_dir: Path) -> tuple[Labeled, Unlabeled, dict[str, int]]:
     return labeled, unlabeled, labels
 
 
-def _organ_stats(label: np.ndarray, confidence: np.ndarray, names: dict[int, str], fused: list[int]) -> dict:
+def _organ_stats(label: np.ndarray, confidence: np.ndarray, names: dict[int, str], organs: list[int]) -> dict:
     stats = {}
-    for c in fused:
+    for c in organs:
         m = label == c
         n = int(m.sum())
         stats[names.get(c, str(c))] = {
@@ -109,15 +118,123 @@ def _organ_stats(label: np.ndarray, confidence: np.ndarray, names: dict[int, str
     return stats
 
 
+def _select_atlases(atlases: Labeled, results: list[RegistrationResult], cfg: AmplifyConfig
+                    ) -> tuple[list[int], dict[int, str]]:
+    """Indices of the atlases to fuse (best NCC first, at most ``top_k``) and the reasons the others are not."""
+    why: dict[int, str] = {}
+    ok = []
+    for i, r in enumerate(results):
+        reason = registration_failure(r, cfg.registration)
+        if reason is None:
+            ok.append(i)
+        else:
+            why[i] = f"registration failed: {reason}"
+    ok.sort(key=lambda i: -results[i].metric_after)
+    k = cfg.fusion.top_k or len(ok)
+    for i in ok[k:]:
+        why[i] = f"not selected: NCC {results[i].metric_after:.3f} outside the best top_k={k}"
+    return ok[:k], why
+
+
+def _amplify_case(case: str, img: Path, atlases: Labeled, results: list[RegistrationResult], out_dir: Path,
+                  cfg: AmplifyConfig, num_classes: int, names: dict[int, str],
+                  reference: dict[int, OrganReference]) -> dict:
+    """Select, fuse, check and write one scan's pseudo-label; return its provenance (already written)."""
+    t0 = time.perf_counter()
+    chosen, why = _select_atlases(atlases, results, cfg)
+    provenance: dict = {
+        "case": case,
+        "image": str(img),
+        "fusion_method": cfg.fusion.method,
+        "atlases": [
+            {
+                "case": a_case, "image": str(a_img), "label": str(a_lab),
+                "annotated": [names.get(c, str(c)) for c in ids],
+                "status": "used" if i in chosen else ("failed" if why[i].startswith("registration") else "not_selected"),
+                "reason": why.get(i),
+                "warped_label": None if r.warped_label is None else str(r.warped_label),
+                "metric": r.metric_name, "metric_before": _r(r.metric_before), "metric_init": _r(r.metric_init),
+                "metric_after": _r(r.metric_after), "body_dice": _r(r.body_dice), "overlap": _r(r.overlap),
+                "init_translation_mm": [round(v, 2) for v in r.init_translation_mm],
+                "seconds": r.seconds, "cached": r.cached,
+            }
+            for i, ((a_case, a_img, a_lab, ids), r) in enumerate(zip(atlases, results))
+        ],
+        "registration_seconds": round(sum(r.seconds for r in results if not r.cached), 3),
+        "config": cfg.model_dump(mode="json"),
+    }
+    label_path, conf_path = out_dir / "labels" / f"{case}.nii.gz", out_dir / "confidence" / f"{case}.nii.gz"
+    for stale in (label_path, conf_path):  # a rejected re-run must not leave an old pseudo-label behind
+        stale.unlink(missing_ok=True)
+
+    if not chosen:
+        provenance.update(status="rejected", reasons=[f"all {len(atlases)} atlas registrations failed"],
+                          organs_fused=[], organs={}, fusion_seconds=0.0)
+        return provenance
+
+    annotated = [atlases[i][3] for i in chosen]
+    fused = fused_classes(num_classes, annotated, len(chosen))
+    reference_img = read_image(img)
+    label_img, conf_img = fuse_files(
+        [results[i].warped_label for i in chosen], reference_img, num_classes, annotated, method=cfg.fusion.method,
+        image_paths=[results[i].warped_image for i in chosen] if cfg.fusion.method == "weighted" else None,
+        sigma_hu=cfg.fusion.weight_sigma_hu, radius_mm=cfg.fusion.weight_radius_mm,
+    )
+    lab, conf = sitk.GetArrayFromImage(label_img), sitk.GetArrayFromImage(conf_img)
+    voxel_ml = float(np.prod(reference_img.GetSpacing())) / 1000.0
+    qc = check_pseudo_label(lab, conf, voxel_ml, fused, reference, names, cfg.qc)
+    provenance["qc"] = qc.to_json(names)
+    if not qc.accepted:
+        provenance.update(status="rejected", reasons=qc.reasons, organs_fused=[],
+                          organs_not_fused=[names.get(c, str(c)) for c in range(1, num_classes)],
+                          organs=_organ_stats(lab, conf, names, fused),
+                          fusion_seconds=round(time.perf_counter() - t0, 3))
+        return provenance
+
+    lab, conf = demote(lab, conf, qc.demoted)
+    write_image(_like(lab, reference_img), label_path)
+    write_image(_like(conf, reference_img), conf_path)
+    fg = lab > 0
+    provenance.update(
+        status="accepted",
+        reasons=qc.reasons,  # organs demoted to unknown, if any
+        # What training may trust: organs fused and accepted by QC (the others are unknown here).
+        organs_fused=[names.get(c, str(c)) for c in qc.kept],
+        organs_not_fused=[names.get(c, str(c)) for c in range(1, num_classes) if c not in qc.kept],
+        organs_demoted=[names.get(c, str(c)) for c in qc.demoted],
+        organs=_organ_stats(lab, conf, names, qc.kept),
+        mean_confidence=round(float(conf.mean()), 4),
+        mean_confidence_foreground=round(float(conf[fg].mean()), 4) if fg.any() else None,
+        fusion_seconds=round(time.perf_counter() - t0, 3),
+    )
+    return provenance
+
+
+def _r(v: float) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)
+
+
+def _like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(ref)
+    return img
+
+
 def amplify_site(site_dir: Path, out_dir: Path, cfg: AmplifyConfig,
                  progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Pseudo-label the unlabeled scans of ``site_dir`` into ``out_dir``; return the summary dict.
 
     The first ``cfg.max_atlases`` labeled cases (by case id) are the atlases. Every (scan, atlas)
-    pair still to do is registered in one :func:`register_many` call, so all ``workers`` are busy;
-    then each scan's warped atlas labels are fused (:func:`fuse.majority_vote`, each atlas voting only
-    on the organs it annotated). ``progress(stage, done, total)`` is called with stage
+    pair still to do is registered in one :func:`register_many` call, so all ``workers`` are busy.
+    Per scan, atlases whose registration failed (:func:`register.registration_failure`) are
+    excluded, the best ``cfg.fusion.top_k`` by NCC are fused with ``cfg.fusion.method`` (each atlas
+    voting only on the organs it annotated), and the result goes through QC (:mod:`qc`). A scan
+    whose atlases all failed, or that QC rejects, gets no label file and is listed under
+    ``"rejected"`` with its reasons. ``progress(stage, done, total)`` is called with stage
     ``"register"`` after each registration and ``"fuse"`` after each scan.
+
+    Summary keys: ``n_scans``, ``n_accepted``, ``n_rejected``, ``rejected`` (``[{"case",
+    "reasons"}]``), ``mean_confidence`` (per organ, over accepted scans), timings, ``per_case``.
     """
     t_start = time.perf_counter()
     site_dir, out_dir = Path(site_dir), Path(out_dir)
@@ -128,8 +245,7 @@ def amplify_site(site_dir: Path, out_dir: Path, cfg: AmplifyConfig,
     names = {v: n for n, v in labels.items()}
     atlases = labeled[: cfg.max_atlases]
     annotated = [ids for _, _, _, ids in atlases]
-    fused = fused_classes(num_classes, annotated, len(atlases))
-    not_fused = [names.get(c, str(c)) for c in range(1, num_classes) if c not in fused]
+    fused_all = fused_classes(num_classes, annotated, len(atlases))
 
     prov_dir = out_dir / "provenance"
     todo = [(case, img) for case, img in unlabeled if not (prov_dir / f"{case}.json").exists()]
@@ -141,64 +257,53 @@ def amplify_site(site_dir: Path, out_dir: Path, cfg: AmplifyConfig,
         if progress is not None:
             progress("register", done[0], len(pairs))
 
-    results = register_many(pairs, out_dir / "registrations", cfg.registration, _on_result) if pairs else []
+    results = (register_many(pairs, out_dir / "registrations", cfg.registration, _on_result, errors="record")
+               if pairs else [])
+    reference = atlas_reference([a_lab for _, _, a_lab, _ in atlases], annotated, fused_all) if todo else {}
 
     for k, (case, img) in enumerate(todo):
         res = results[k * len(atlases): (k + 1) * len(atlases)]
-        reference = read_image(img)
-        label_img, conf_img = fuse_files([r.warped_label for r in res], reference, num_classes, annotated,
-                                         method=cfg.fusion.method)
-        write_image(label_img, out_dir / "labels" / f"{case}.nii.gz")
-        write_image(conf_img, out_dir / "confidence" / f"{case}.nii.gz")
-        lab = sitk.GetArrayViewFromImage(label_img)
-        conf = sitk.GetArrayViewFromImage(conf_img)
-        fg = lab > 0
-        provenance = {
-            "case": case,
-            "image": str(img),
-            "fusion_method": cfg.fusion.method,
-            "atlases": [
-                {
-                    "case": a_case, "image": str(a_img), "label": str(a_lab),
-                    "annotated": [names.get(c, str(c)) for c in ids],
-                    "warped_label": str(r.warped_label), "metric": r.metric_name,
-                    "metric_before": round(r.metric_before, 4), "metric_after": round(r.metric_after, 4),
-                    "seconds": r.seconds, "cached": r.cached,
-                }
-                for (a_case, a_img, a_lab, ids), r in zip(atlases, res)
-            ],
-            "registration_seconds": round(sum(r.seconds for r in res if not r.cached), 3),
-            "organs_fused": [names.get(c, str(c)) for c in fused],
-            "organs_not_fused": not_fused,
-            "organs": _organ_stats(lab, conf, names, fused),
-            "mean_confidence": round(float(conf.mean()), 4),
-            "mean_confidence_foreground": round(float(conf[fg].mean()), 4) if fg.any() else None,
-            "config": cfg.model_dump(mode="json"),
-        }
+        provenance = _amplify_case(case, img, atlases, res, out_dir, cfg, num_classes, names, reference)
         write_json(provenance, prov_dir / f"{case}.json")  # last: marks the case done
         if progress is not None:
             progress("fuse", k + 1, len(todo))
 
-    per_case = {}
+    per_case, rejected, organ_conf = {}, [], {}
     for case, _ in unlabeled:
         p = json.loads((prov_dir / f"{case}.json").read_text())
+        status = p.get("status", "accepted")
         per_case[case] = {
-            "mean_confidence": p["mean_confidence"],
-            "mean_confidence_foreground": p["mean_confidence_foreground"],
-            "organs": p["organs"],
+            "status": status,
+            "reasons": p.get("reasons", []),
+            "mean_confidence": p.get("mean_confidence"),
+            "mean_confidence_foreground": p.get("mean_confidence_foreground"),
+            "organs": p.get("organs", {}) if status == "accepted" else {},
+            "organs_demoted": p.get("organs_demoted", []),
+            "seconds": round(p.get("registration_seconds", 0.0) + p.get("fusion_seconds", 0.0), 3),
         }
+        if status == "rejected":
+            rejected.append({"case": case, "reasons": p.get("reasons", [])})
+        else:
+            for organ, stats in (p.get("organs") or {}).items():
+                if stats.get("mean_confidence") is not None:
+                    organ_conf.setdefault(organ, []).append(stats["mean_confidence"])
     summary = {
         "site": str(site_dir),
         "n_scans": len(unlabeled),
+        "n_accepted": len(unlabeled) - len(rejected),
+        "n_rejected": len(rejected),
+        "rejected": rejected,
+        "mean_confidence": {o: round(float(np.mean(v)), 4) for o, v in organ_conf.items()},
         "n_amplified_this_run": len(todo),
         "n_atlases": len(atlases),
         "atlases": [case for case, *_ in atlases],
-        "n_registrations_this_run": sum(1 for r in results if not r.cached),
+        "n_registrations_this_run": sum(1 for r in results if not r.cached and r.error is None),
+        "n_failed_registrations_this_run": sum(1 for r in results if registration_failure(r, cfg.registration)),
         "registration_seconds_this_run": round(sum(r.seconds for r in results if not r.cached), 3),
         "total_seconds": round(time.perf_counter() - t_start, 3),
         "fusion_method": cfg.fusion.method,
-        "organs_fused": [names.get(c, str(c)) for c in fused],
-        "organs_not_fused": not_fused,
+        "organs_fused": [names.get(c, str(c)) for c in fused_all],
+        "organs_not_fused": [names.get(c, str(c)) for c in range(1, num_classes) if c not in fused_all],
         "per_case": per_case,
     }
     write_json(summary, out_dir / "amplification.json")

@@ -1,54 +1,91 @@
-"""Atlas registration with itk-elastix: affine then B-spline, label warped by nearest neighbour.
+"""Atlas registration with itk-elastix: initial translation, affine then B-spline, in body masks.
 
 One *pair* is (fixed scan, atlas scan, atlas label). :func:`register_atlas` aligns the atlas scan to
 the fixed scan in physical space (grids, spacings and orientations may differ), warps the atlas label
-onto the fixed scan's voxel grid, and caches the result under a content hash of the inputs and the
-configuration, so re-running an amplification never registers the same pair twice.
+and the atlas scan onto the fixed scan's voxel grid, and caches the result under a content hash of
+the inputs and the configuration, so re-running an amplification never registers the same pair twice.
 :func:`register_many` runs many pairs in worker processes, one ITK thread each (on a small machine,
 several single-threaded registrations beat one multi-threaded one, and a crash in elastix only
 takes down its worker).
 
+Why each step (real CT is not a phantom):
+
+* **Body masks** (:func:`body_mask_array`: HU > -500, opened, largest component, closed, holes
+  filled per axial slice), grown by ``mask_margin_mm``, are elastix's fixed and moving masks, so the
+  table, the air and whatever lies outside the patient do not drive the metric. The margin keeps
+  the skin inside both masks: with exact masks neither side sees the other's body bulge out of its
+  own (measured on a phantom: body Dice 0.93 exact, 0.985 with 10 mm).
+* **Scanned length**: scans cover different craniocaudal stretches of the body (and some datasets
+  pad the rest with air). :func:`body_z_range` is the stretch a scan shows body in. The fixed mask
+  is limited to the stretch the atlas covers (elsewhere fixed samples could only match air), and
+  the similarity measures are taken inside the common stretch.
+* **Initialisation** (:func:`initial_translation`): aligning image centres, or body centres of
+  gravity, is off by up to half the difference in scanned length (OpenKBP kbp_001 onto kbp_004: 37
+  and 62 mm craniocaudally). ``"search"`` tries craniocaudal offsets, each with the in-plane
+  centres of the common body slab aligned, and keeps the best NCC on coarse images (there: 2 mm
+  off). The atlas is shifted by that translation (its origin moves) before elastix starts, with
+  elastix's own initialisation off.
+* **Failure detection** (:func:`registration_failure`): after registration, the Dice of the fixed
+  and warped-atlas body masks and the NCC of the two scans in the fixed body, both inside the
+  stretch the warped atlas covers (an atlas showing a shorter stretch is not punished for it), and
+  the fraction of the expected common body still covered, are compared with thresholds of the
+  configuration. The thresholds are not part of the cache key: changing them needs no new
+  registration.
+* **Warping** goes through a displacement field sampled at a quarter of the B-spline spacing
+  (:func:`_displacement`), not transformix at every voxel: 0.8 s instead of 4.7 s on 128^3.
+
 Intensities: CT in HU is shifted to ``max(HU, -1024) + 1024`` (air = 0) before registration. The
 shift changes none of the metrics (mutual information, correlation, and mean squares since both
-images are shifted alike), but it makes "centre of gravity" mean the centre of the body's mass,
-which is the initialisation that survives differing fields of view, and it makes 0 (the value
-elastix puts outside the atlas) mean air.
-
-Reported similarity: normalised cross-correlation between the fixed scan and the atlas scan inside
-the fixed scan's body (HU > -500), before (atlas resampled through world coordinates, no
-registration) and after (elastix's warped atlas). It is bounded in [-1, 1] whatever metric elastix
-optimised, so it is comparable across pairs and sites.
+images are shifted alike), and it makes 0 (what fills the border of a resampled atlas) mean air.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from fadal.config import RegistrationConfig
 from fadal.data.io import FadalInputError, read_image, same_geometry, write_image, write_json
 
 #: Bump when the registration recipe changes: old cache entries then no longer match.
-RECIPE_VERSION = "elastix-affine-bspline-v1"
-#: Voxels of the fixed scan above this HU are "body" for the reported similarity.
+RECIPE_VERSION = "elastix-affine-bspline-v2-masks-init"
+#: Voxels above this HU are "body".
 BODY_HU = -500.0
 _AIR_HU = -1024.0
 _KEY_CHARS = 24
+#: Settings that do not change a registration's result, so they are not part of its cache key.
+_NOT_IN_KEY = {"workers", "min_body_dice", "min_ncc", "min_overlap"}
+#: Pixel value elastix writes outside the atlas's field of view (shifted intensities are >= 0).
+_OUTSIDE = -1.0
+
+
+class RegistrationFailed(FadalInputError):
+    """elastix gave up on a pair (e.g. the scans do not overlap): a failed atlas, not bad input."""
 
 
 @dataclass
 class RegistrationResult:
-    """One registered pair. ``metric_*`` = NCC in the fixed scan's body (see module docstring)."""
+    """One registered pair (see the module docstring for the quality measures).
+
+    ``metric_before``: NCC in the fixed body with no registration (world coordinates as stored);
+    ``metric_init``: after the initial translation; ``metric_after``: after elastix. ``body_dice``,
+    ``overlap``: body-mask Dice and covered fraction of the fixed body after registration.
+    ``init_translation_mm``: the initial translation (fixed -> atlas world coordinates).
+    """
 
     fixed: Path
     moving: Path
@@ -60,21 +97,46 @@ class RegistrationResult:
     atlas_label: Path | None = None
     key: str = ""
     metric_name: str = field(default="ncc_body")
+    warped_image: Path | None = None
+    metric_init: float = float("nan")
+    body_dice: float = float("nan")
+    overlap: float = float("nan")
+    init_translation_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    error: str | None = None  # elastix gave up (register_many(errors="record")); no files then
+
+    _PATHS = ("fixed", "moving", "warped_label", "atlas_label", "warped_image")
 
     def to_json(self) -> dict:
         out = asdict(self)
-        for k in ("fixed", "moving", "warped_label", "atlas_label"):
+        for k in self._PATHS:
             out[k] = None if out[k] is None else str(out[k])
+        out["init_translation_mm"] = [float(v) for v in self.init_translation_mm]
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> "RegistrationResult":
         data = dict(data)
-        for k in ("fixed", "moving", "warped_label", "atlas_label"):
+        for k in cls._PATHS:
             if data.get(k) is not None:
                 data[k] = Path(data[k])
+        if "init_translation_mm" in data:
+            data["init_translation_mm"] = tuple(data["init_translation_mm"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def registration_failure(res: RegistrationResult, cfg: RegistrationConfig) -> str | None:
+    """Why ``res`` counts as a failed registration under ``cfg``'s thresholds, or ``None`` if it does not."""
+    if res.error is not None:
+        return res.error
+    problems = []
+    if not res.overlap >= cfg.min_overlap:  # also catches NaN
+        problems.append(f"warped atlas covers {res.overlap:.2f} of the body < min_overlap {cfg.min_overlap:g}")
+    if not res.body_dice >= cfg.min_body_dice:
+        problems.append(f"body-mask Dice {res.body_dice:.3f} < min_body_dice {cfg.min_body_dice:g}")
+    if not res.metric_after >= cfg.min_ncc:
+        problems.append(f"NCC {res.metric_after:.3f} < min_ncc {cfg.min_ncc:g}")
+    return "; ".join(problems) or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,7 +156,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
 def pair_key(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: RegistrationConfig) -> str:
     """Content hash of the three input files, the registration settings and the recipe version.
 
-    ``cfg.workers`` is left out: how many pairs run at once does not change any one result.
+    Settings that change no result (``workers``, the failure thresholds) are left out.
     """
     h = hashlib.sha256()
     for p in (fixed_image, atlas_image, atlas_label):
@@ -103,23 +165,22 @@ def pair_key(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: Regis
             raise FadalInputError(f"{p}: file not found")
         st = p.stat()
         h.update(_file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns))
-    h.update(cfg.model_dump_json(exclude={"workers"}).encode())
+    h.update(cfg.model_dump_json(exclude=_NOT_IN_KEY).encode())
     h.update(RECIPE_VERSION.encode())
     return h.hexdigest()[:_KEY_CHARS]
 
 
 def _load_cached(key: str, out_dir: Path, fixed: Path, moving: Path, label: Path) -> RegistrationResult | None:
-    js, nii = out_dir / f"{key}.json", out_dir / f"{key}.nii.gz"
-    if not (js.is_file() and nii.is_file()):
+    js, nii, img = out_dir / f"{key}.json", out_dir / f"{key}.nii.gz", out_dir / f"{key}_image.nii.gz"
+    if not (js.is_file() and nii.is_file() and img.is_file()):
         return None
-    import json
-
     try:
         res = RegistrationResult.from_json(json.loads(js.read_text()))
     except (ValueError, TypeError):
         return None  # damaged entry: register again (and overwrite it)
     # Same content may sit under other names or in a moved folder: report what the caller passed.
     res.fixed, res.moving, res.atlas_label, res.warped_label = Path(fixed), Path(moving), Path(label), nii
+    res.warped_image = img
     res.cached = True
     return res
 
@@ -146,25 +207,33 @@ def _shifted(img: sitk.Image) -> np.ndarray:
     return arr
 
 
+def _like(arr: np.ndarray, ref: sitk.Image, origin=None) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(ref)
+    if origin is not None:
+        img.SetOrigin(tuple(float(o) for o in origin))
+    return img
+
+
 def _load_elastix() -> None:
     import itk
 
     itk.ParameterObject.New()
 
 
-def _to_itk(arr: np.ndarray, ref: sitk.Image):
+def _to_itk(arr: np.ndarray, ref: sitk.Image, origin=None):
     import itk
 
     im = itk.image_from_array(np.ascontiguousarray(arr))
     im.SetSpacing([float(s) for s in ref.GetSpacing()])
-    im.SetOrigin([float(o) for o in ref.GetOrigin()])
+    im.SetOrigin([float(o) for o in (ref.GetOrigin() if origin is None else origin)])
     im.SetDirection(itk.matrix_from_array(np.asarray(ref.GetDirection(), dtype=np.float64).reshape(3, 3)))
     return im
 
 
 def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     if mask.sum() < 2:
-        mask = np.ones_like(mask, dtype=bool)
+        return float("nan")
     x = a[mask].astype(np.float64)
     y = b[mask].astype(np.float64)
     x -= x.mean()
@@ -172,6 +241,179 @@ def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     den = np.sqrt((x * x).sum() * (y * y).sum())
     return float((x * y).sum() / den) if den > 0 else 0.0
 
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    n = int(a.sum()) + int(b.sum())
+    return 2.0 * int(np.logical_and(a, b).sum()) / n if n else float("nan")
+
+
+def _axial_array_axis(img: sitk.Image) -> int:
+    """Array axis (z, y, x order) that runs most nearly along world z (craniocaudal)."""
+    d = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
+    return 2 - int(np.argmax(np.abs(d[2])))
+
+
+def body_mask_array(hu: np.ndarray, axial_axis: int = 0, threshold_hu: float = BODY_HU) -> np.ndarray:
+    """The patient's body in a CT array (HU): thresholded, opened (detaches a thin table or cables),
+    largest connected component, closed, and holes filled in each axial slice (lungs and bowel gas
+    are inside the body, though below the threshold). Returns a bool array."""
+    m = hu > threshold_hu
+    if not m.any():
+        return m
+    # Erosions treat the volume's edge as body: a body cut by the field of view continues beyond it.
+    m = ndimage.binary_dilation(ndimage.binary_erosion(m, border_value=1))
+    lab, n = ndimage.label(m)
+    if n == 0:
+        return m
+    m = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+    m = ndimage.binary_erosion(ndimage.binary_dilation(m, iterations=2), iterations=2, border_value=1)
+    # Fill holes slice by slice: label the background with in-plane connectivity only (one pass;
+    # ndimage.binary_fill_holes iterates a dilation to convergence, ~10x slower here), and keep as
+    # background the components that touch a slice's edge.
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    idx: list = [slice(None)] * 3
+    idx[axial_axis] = 1
+    plane[tuple(idx)] = ndimage.generate_binary_structure(2, 1)
+    lab, _ = ndimage.label(~m, structure=plane)
+    edge = []
+    for ax in range(3):
+        if ax != axial_axis:
+            edge += [np.take(lab, 0, axis=ax).ravel(), np.take(lab, -1, axis=ax).ravel()]
+    outside = np.zeros(lab.max() + 1, dtype=bool)
+    outside[np.concatenate(edge)] = True
+    outside[0] = False  # label 0 is the body itself
+    return ~outside[lab]
+
+
+def _grow(mask: np.ndarray, img: sitk.Image, mm: float) -> np.ndarray:
+    """Dilate ``mask`` by a ball of ``mm`` (at least one voxel per axis when ``mm > 0``); SimpleITK's
+    dilation is 5x faster than scipy's here."""
+    if mm <= 0:
+        return mask
+    radius = [max(1, int(round(mm / s))) for s in img.GetSpacing()]
+    return sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(mask.astype(np.uint8)), radius,
+                                                    sitk.sitkBall)) > 0
+
+
+def body_mask(image: sitk.Image, threshold_hu: float = BODY_HU) -> sitk.Image:
+    """:func:`body_mask_array` of a CT image, as a uint8 image on its grid."""
+    arr = sitk.GetArrayViewFromImage(image)
+    return _like(body_mask_array(arr, _axial_array_axis(image), threshold_hu).astype(np.uint8), image)
+
+
+# --------------------------------------------------------------------------------------------------
+# initialisation
+# --------------------------------------------------------------------------------------------------
+
+def _world_points(mask: np.ndarray, img: sitk.Image, max_points: int = 200_000) -> np.ndarray:
+    """World coordinates (N, 3) of the True voxels of a (z, y, x) array on ``img``'s grid (subsampled)."""
+    idx = np.argwhere(mask)
+    if len(idx) > max_points:
+        idx = idx[:: len(idx) // max_points + 1]
+    d = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
+    return np.asarray(img.GetOrigin()) + (idx[:, ::-1] * np.asarray(img.GetSpacing())) @ d.T
+
+
+def _image_centre(img: sitk.Image) -> np.ndarray:
+    d = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
+    half = (np.asarray(img.GetSize()) - 1) / 2.0 * np.asarray(img.GetSpacing())
+    return np.asarray(img.GetOrigin()) + d @ half
+
+
+def _world_z(img: sitk.Image) -> np.ndarray:
+    """World z (craniocaudal, mm) of every voxel, as a (z, y, x) array."""
+    d = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)[2] * np.asarray(img.GetSpacing())
+    nx, ny, nz = img.GetSize()
+    z = img.GetOrigin()[2] + d[0] * np.arange(nx)[None, None, :] + d[1] * np.arange(ny)[None, :, None] \
+        + d[2] * np.arange(nz)[:, None, None]
+    return np.broadcast_to(z, (nz, ny, nx)).astype(np.float32)
+
+
+def body_z_range(mask: np.ndarray, img: sitk.Image, bin_mm: float = 5.0, min_area: float = 0.1) -> tuple[float, float]:
+    """Craniocaudal extent (world z, mm) of the scanned body: the 5 mm slabs holding at least 10 % of
+    the largest slab's body voxels. The threshold ignores thin strays (a cable, the tip of a chin rest)
+    that would otherwise stretch the extent."""
+    z = _world_points(mask, img)[:, 2]
+    edges = np.arange(z.min(), z.max() + bin_mm, bin_mm)
+    if len(edges) < 2:
+        return float(z.min()), float(z.max())
+    counts, edges = np.histogram(z, bins=edges)
+    keep = np.flatnonzero(counts >= min_area * counts.max())
+    return float(edges[keep[0]]), float(edges[keep[-1] + 1])
+
+
+def _coarse(arr: np.ndarray, ref: sitk.Image, mm: float) -> sitk.Image:
+    """Block-average to about ``mm`` voxels (anti-aliased, unlike plain resampling)."""
+    factors = [max(1, int(round(mm / s))) for s in ref.GetSpacing()]
+    return sitk.BinShrink(_like(arr.astype(np.float32), ref), factors)
+
+
+def initial_translation(fixed: sitk.Image, moving: sitk.Image, fixed_arr: np.ndarray, moving_arr: np.ndarray,
+                        fixed_body: np.ndarray, moving_body: np.ndarray,
+                        cfg: RegistrationConfig) -> np.ndarray:
+    """Translation ``t`` (mm, world) such that fixed point ``x`` shows the anatomy of moving point ``x + t``.
+
+    ``*_arr`` are the shifted intensities (air = 0), ``*_body`` the body masks (arrays in z, y, x).
+    ``cfg.initialization``: ``"geometric_center"`` (image centres), ``"center_of_gravity"`` (body
+    centres) or ``"search"``: for craniocaudal offsets ``tz`` every ``cfg.init_step_mm`` over all
+    placements where the shorter scanned body length (:func:`body_z_range`) lies within the longer
+    one (give or take a tenth of the shorter length), the in-plane shift aligns the centres of the
+    body slabs that overlap at that ``tz``. Each candidate (and the centre-of-gravity one) is scored
+    by NCC on ``cfg.init_coarse_mm`` block-averaged images, in the union of both bodies *within the
+    common craniocaudal slab only* (outside it one scan has no data, or padding that looks like air,
+    and scoring it would pull the shorter scan towards the widest part of the longer body), times
+    the common length over the shorter length: NCC alone favours small overlaps that leave out
+    whatever differs between two subjects (measured on phantom pairs: 45 mm off). The best
+    candidate wins. Made for scans of the same body region (a site's atlases and targets); an
+    empty body mask falls back to the image centres.
+    """
+    geometric = _image_centre(moving) - _image_centre(fixed)
+    if cfg.initialization == "geometric_center" or not fixed_body.any() or not moving_body.any():
+        return geometric
+    pf, pm = _world_points(fixed_body, fixed), _world_points(moving_body, moving)
+    cog = pm.mean(0) - pf.mean(0)
+    if cfg.initialization == "center_of_gravity":
+        return cog
+
+    (f0, f1), (m0, m1) = body_z_range(fixed_body, fixed), body_z_range(moving_body, moving)
+    short = min(f1 - f0, m1 - m0)
+
+    def common(tz: float) -> tuple[float, float]:
+        return max(f0, m0 - tz), min(f1, m1 - tz)
+
+    lo, hi = sorted((m0 - f0, m1 - f1))
+    candidates = [cog]
+    for tz in np.arange(lo - 0.1 * short, hi + 0.1 * short + 1e-6, cfg.init_step_mm):
+        z_lo, z_hi = common(tz)
+        sf = pf[(pf[:, 2] >= z_lo) & (pf[:, 2] <= z_hi)]
+        sm = pm[(pm[:, 2] >= z_lo + tz) & (pm[:, 2] <= z_hi + tz)]
+        if len(sf) and len(sm):
+            candidates.append(np.array([*(sm[:, :2].mean(0) - sf[:, :2].mean(0)), tz]))
+
+    fc = _coarse(fixed_arr, fixed, cfg.init_coarse_mm)
+    mc = _coarse(moving_arr, moving, cfg.init_coarse_mm)
+    mbc = _coarse(moving_body, moving, cfg.init_coarse_mm)
+    fca = sitk.GetArrayFromImage(fc)
+    fbody = sitk.GetArrayFromImage(_coarse(fixed_body, fixed, cfg.init_coarse_mm)) > 0.5
+    fz = _world_z(fc)
+
+    def score(t: np.ndarray) -> float:
+        z_lo, z_hi = common(t[2])
+        if z_hi - z_lo < 0.5 * short:
+            return -np.inf
+        tr = sitk.TranslationTransform(3, [float(v) for v in t])
+        arr = sitk.GetArrayFromImage(sitk.Resample(mc, fc, tr, sitk.sitkLinear, _OUTSIDE, sitk.sitkFloat32))
+        mbody = sitk.GetArrayFromImage(sitk.Resample(mbc, fc, tr, sitk.sitkLinear, 0.0, sitk.sitkFloat32)) > 0.5
+        m = (fbody | mbody) & (arr >= 0) & (fz >= z_lo) & (fz <= z_hi)
+        return _ncc(fca, arr, m) * (z_hi - z_lo) / short
+
+    scores = np.nan_to_num(np.array([score(t) for t in candidates]), nan=-np.inf)
+    return candidates[int(np.argmax(scores))] if np.isfinite(scores).any() else cog
+
+
+# --------------------------------------------------------------------------------------------------
+# elastix
+# --------------------------------------------------------------------------------------------------
 
 def _parameter_object(cfg: RegistrationConfig):
     import itk
@@ -181,19 +423,22 @@ def _parameter_object(cfg: RegistrationConfig):
         "NumberOfResolutions": [str(cfg.resolutions)],
         "NumberOfSpatialSamples": [str(cfg.spatial_samples)],
         "RandomSeed": [str(cfg.seed)],
-        "DefaultPixelValue": ["0"],  # air after the shift
+        "DefaultPixelValue": [f"{_OUTSIDE:g}"],  # marks the warped atlas's field of view
         "WriteResultImage": ["false"],
         "ResultImagePixelType": ["float"],
         # Step sizes from the expected voxel displacement: as good here, and cheaper than the
         # default exact-gradient estimation at every resolution.
         "ASGDParameterEstimationMethod": ["DisplacementDistribution"],
+        # Body masks: eroding them would drop the body outline, the strongest feature there is.
+        "ErodeMask": ["false"],
+        # The atlas arrives pre-translated (initial_translation); elastix's own initialisation
+        # (centres of intensity mass) would undo that.
+        "AutomaticTransformInitialization": ["false"],
     }
     affine = po.GetDefaultParameterMap("affine", cfg.resolutions)
     affine.update(common)
     affine["Metric"] = [cfg.metric]
     affine["MaximumNumberOfIterations"] = [str(cfg.affine_iterations)]
-    affine["AutomaticTransformInitialization"] = ["true"]
-    affine["AutomaticTransformInitializationMethod"] = ["CenterOfGravity"]
     bspline = po.GetDefaultParameterMap("bspline", cfg.resolutions, float(cfg.grid_spacing_mm))
     bspline.update(common)
     # One metric, no bending-energy penalty: with control points >= 20 mm apart the grid itself is
@@ -205,39 +450,55 @@ def _parameter_object(cfg: RegistrationConfig):
         bspline.pop(k, None)
     bspline["MaximumNumberOfIterations"] = [str(cfg.bspline_iterations)]
     bspline["FinalGridSpacingInPhysicalUnits"] = [f"{cfg.grid_spacing_mm:g}"]
-    bspline["WriteResultImage"] = ["true"]  # the warped atlas scan, for the reported similarity
-    # Linear is plenty for a similarity score; cubic (the default) pre-filters the whole atlas scan.
-    bspline["FinalBSplineInterpolationOrder"] = ["1"]
     po.AddParameterMap(affine)
     po.AddParameterMap(bspline)
     return po
 
 
-def _warp_label(label: sitk.Image, transform_parameters, fixed: sitk.Image) -> sitk.Image:
-    """Nearest-neighbour warp of an integer label map onto ``fixed``'s grid, as uint8."""
+def _elastix_error(log_dir: Path, err: Exception) -> str:
+    """The reason elastix states in its log (the exception itself only says "see the log")."""
+    for log in log_dir.glob("*.log"):
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()]
+        for i, ln in enumerate(lines):
+            if "Description:" in ln:
+                return ln.split("Description:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else ln)
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else "unknown reason"
+
+
+def _displacement(transform_parameters, fixed: sitk.Image, grid_spacing_mm: float) -> sitk.Transform:
+    """The registration's transform as a displacement field sampled every ``grid_spacing_mm / 4`` (at
+    least the fixed voxel size) over the fixed scan's extent.
+
+    Evaluating the B-spline at every voxel is what dominates warping (measured on 128^3: 2.1 s for
+    elastix's result image plus 2.6 s for the label's transformix run, one thread); the deformation
+    is smooth on the scale of its control-point spacing, so a field at a quarter of that spacing,
+    linearly interpolated, warps the scan and the label in 0.8 s for both (OpenKBP pair: 99.99 % of
+    the label's voxels as transformix warps them, organ Dice between the two 0.96-0.99, far below
+    the registration's own error).
+    """
     import itk
 
-    arr = sitk.GetArrayFromImage(label)
-    moving = _to_itk(arr.astype(np.float32), label)
+    spacing = np.maximum(np.asarray(fixed.GetSpacing()), grid_spacing_mm / 4.0)
+    extent = (np.asarray(fixed.GetSize()) - 1) * np.asarray(fixed.GetSpacing())
+    size = np.ceil(extent / spacing).astype(int) + 1  # covers the whole fixed grid
     params = itk.ParameterObject.New()
     for i in range(transform_parameters.GetNumberOfParameterMaps()):
         m = transform_parameters.GetParameterMap(i)
-        m["FinalBSplineInterpolationOrder"] = ["0"]
-        m["ResampleInterpolator"] = ["FinalBSplineInterpolator"]
-        m["DefaultPixelValue"] = ["0"]
-        m["ResultImagePixelType"] = ["float"]  # values stay exact integers with order 0
+        m["Size"] = [str(int(n)) for n in size]
+        m["Spacing"] = [f"{v:.10g}" for v in spacing]
+        m["Origin"] = [f"{v:.10g}" for v in fixed.GetOrigin()]
         params.AddParameterMap(m)
-    warped = itk.transformix_filter(moving, params, log_to_console=False)
-    out = np.asarray(itk.array_from_image(warped))
-    want = fixed.GetSize()[::-1]
-    if out.shape != want:
-        raise RuntimeError(f"transformix returned shape {out.shape}, expected the fixed grid {want}")
-    if np.issubdtype(out.dtype, np.floating):
-        out = np.rint(np.nan_to_num(out, nan=0.0))
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    img = sitk.GetImageFromArray(out)
-    img.CopyInformation(fixed)  # exact fixed geometry (elastix round-trips it through text)
-    return img
+    dummy = itk.image_from_array(np.zeros((2, 2, 2), np.float32))
+    field = itk.transformix_deformation_field(dummy, params, log_to_console=False)
+    arr = np.asarray(itk.array_from_image(field), dtype=np.float64)
+    if arr.shape[:3] != tuple(size[::-1]):
+        raise RuntimeError(f"transformix returned a field of shape {arr.shape}, expected {tuple(size[::-1])}")
+    disp = sitk.GetImageFromArray(arr, isVector=True)
+    disp.SetSpacing(tuple(float(v) for v in spacing))
+    disp.SetOrigin(fixed.GetOrigin())
+    disp.SetDirection(fixed.GetDirection())
+    return sitk.DisplacementFieldTransform(disp)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,14 +507,17 @@ def _warp_label(label: sitk.Image, transform_parameters, fixed: sitk.Image) -> s
 
 def register_atlas(fixed_image: Path, atlas_image: Path, atlas_label: Path, out_dir: Path,
                    cfg: RegistrationConfig) -> RegistrationResult:
-    """Register ``atlas_image`` onto ``fixed_image`` and warp ``atlas_label`` onto the fixed grid.
+    """Register ``atlas_image`` onto ``fixed_image`` and warp ``atlas_label`` and the atlas scan onto the fixed grid.
 
-    Affine (initialised at the centres of gravity) then B-spline, both multi-resolution, with
-    ``cfg``'s metric, iterations, spatial samples, control-point spacing and random seed. The warped
-    label (uint8, exactly the fixed scan's size/spacing/origin/direction) is written atomically to
-    ``out_dir/<key>.nii.gz`` and the result to ``out_dir/<key>.json`` (written last), where ``key``
-    is :func:`pair_key`. If both exist, the stored result is returned with ``cached=True`` and
-    nothing is registered. Uses ITK's global thread setting (set it before calling).
+    Initial translation (:func:`initial_translation`), then affine and B-spline, both
+    multi-resolution, with ``cfg``'s metric, iterations, spatial samples, control-point spacing and
+    random seed, restricted to the body masks when ``cfg.use_body_masks``. Written atomically to
+    ``out_dir``: the warped label ``<key>.nii.gz`` (uint8, exactly the fixed scan's grid), the warped
+    atlas scan ``<key>_image.nii.gz`` (float32 HU, -1024 outside the atlas's field of view; weighted
+    fusion needs it) and the result ``<key>.json`` (written last), where ``key`` is :func:`pair_key`.
+    If all three exist, the stored result is returned with ``cached=True`` and nothing is
+    registered. Whether the registration failed is decided by :func:`registration_failure`, not
+    here. Raises :class:`RegistrationFailed` if elastix gives up. Uses ITK's global thread setting.
     """
     fixed_image, atlas_image, atlas_label, out_dir = map(Path, (fixed_image, atlas_image, atlas_label, out_dir))
     key = pair_key(fixed_image, atlas_image, atlas_label, cfg)
@@ -281,37 +545,78 @@ def _register_uncached(fixed_image: Path, atlas_image: Path, atlas_label: Path, 
 
     import itk
 
-    fixed_arr = _shifted(fixed)
-    atlas_arr = _shifted(atlas)
-    fixed_itk = _to_itk(fixed_arr, fixed)
-    atlas_itk = _to_itk(atlas_arr, atlas)
-    body = fixed_arr > (BODY_HU - _AIR_HU)
+    fixed_arr, atlas_arr = _shifted(fixed), _shifted(atlas)
+    axis = _axial_array_axis(fixed)
+    fixed_body = body_mask_array(fixed_arr + _AIR_HU, axis)
+    atlas_body = body_mask_array(atlas_arr + _AIR_HU, _axial_array_axis(atlas))
 
-    atlas_f = sitk.GetImageFromArray(atlas_arr)
-    atlas_f.CopyInformation(atlas)
-    before_img = sitk.Resample(atlas_f, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    metric_before = _ncc(fixed_arr, sitk.GetArrayViewFromImage(before_img), body)
+    # Craniocaudal slab of the fixed scan where the atlas has body, for a placement tz of the atlas.
+    fz = _world_z(fixed)
+    m0, m1 = body_z_range(atlas_body, atlas) if atlas_body.any() else (-np.inf, np.inf)
 
-    try:
-        result_image, transform_parameters = itk.elastix_registration_method(
-            fixed_itk, atlas_itk, parameter_object=_parameter_object(cfg), log_to_console=False
-        )
-    except RuntimeError as err:
-        last = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown reason"
-        raise FadalInputError(
-            f"registration of atlas {atlas_image} onto {fixed_image} failed in elastix ({last}); "
-            "do the two scans overlap and show the same body region?"
-        ) from err
-    warped_arr = np.asarray(itk.array_view_from_image(result_image))
-    metric_after = _ncc(fixed_arr, warped_arr, body)
+    def slab(tz: float, margin: float = 0.0) -> np.ndarray:
+        return (fz >= m0 - tz - margin) & (fz <= m1 - tz + margin)
 
-    warped = _warp_label(label, transform_parameters, fixed)
+    def ncc_in_fixed_body(atlas_origin, tz: float) -> float:
+        moved = sitk.Resample(_like(atlas_arr, atlas, atlas_origin), fixed, sitk.Transform(), sitk.sitkLinear,
+                              _OUTSIDE, sitk.sitkFloat32)
+        arr = sitk.GetArrayViewFromImage(moved)
+        return _ncc(fixed_arr, arr, fixed_body & (arr >= 0) & slab(tz))
+
+    metric_before = ncc_in_fixed_body(atlas.GetOrigin(), 0.0)
+    t = initial_translation(fixed, atlas, fixed_arr, atlas_arr, fixed_body, atlas_body, cfg)
+    origin = np.asarray(atlas.GetOrigin()) - t  # the atlas, moved by -t in world: x now shows old x + t
+    metric_init = ncc_in_fixed_body(origin, t[2])
+    expected = slab(t[2])
+
+    masks = {}
+    if cfg.use_body_masks:
+        # Fixed samples only where the atlas has body too: elsewhere they could only match air or padding.
+        fixed_mask = _grow(fixed_body, fixed, cfg.mask_margin_mm) & slab(t[2], cfg.mask_margin_mm)
+        masks = {"fixed_mask": _to_itk(fixed_mask.astype(np.uint8), fixed),
+                 "moving_mask": _to_itk(_grow(atlas_body, atlas, cfg.mask_margin_mm).astype(np.uint8), atlas, origin)}
+    with tempfile.TemporaryDirectory(prefix="fadal_elastix_") as log_dir:
+        try:
+            _, transform_parameters = itk.elastix_registration_method(
+                _to_itk(fixed_arr, fixed), _to_itk(atlas_arr, atlas, origin),
+                parameter_object=_parameter_object(cfg), log_to_console=False, log_to_file=True,
+                output_directory=log_dir, **masks,
+            )
+        except RuntimeError as err:
+            raise RegistrationFailed(
+                f"registration of atlas {atlas_image} onto {fixed_image} failed in elastix "
+                f"({_elastix_error(Path(log_dir), err)}); do the two scans overlap and show the same body region?"
+            ) from err
+    transform = _displacement(transform_parameters, fixed, cfg.grid_spacing_mm)
+    warped_arr = sitk.GetArrayFromImage(sitk.Resample(_like(atlas_arr, atlas, origin), fixed, transform,
+                                                      sitk.sitkLinear, _OUTSIDE, sitk.sitkFloat32))
+    covered = warped_arr >= 0
+    warped_arr[~covered] = 0.0
+    warped_body = body_mask_array(warped_arr + _AIR_HU, axis) & covered
+    # Quality inside the craniocaudal slab the warped atlas covers with body (see module docstring).
+    if warped_body.any():
+        w0, w1 = body_z_range(warped_body, fixed)
+        view = covered & (fz >= w0) & (fz <= w1)
+    else:
+        view = np.zeros_like(covered)
+    in_view = fixed_body & view
+    metric_after = _ncc(fixed_arr, warped_arr, in_view)
+    body_dice = _dice(in_view, warped_body & view) if in_view.any() else 0.0
+    # Fraction of the fixed body the atlas was expected to cover (placed by the initial translation)
+    # that it still covers: low when the registration squeezed or slid the atlas away.
+    overlap = float((in_view & expected).sum() / max((fixed_body & expected).sum(), 1))
+
+    warped = sitk.Resample(_like(sitk.GetArrayFromImage(label).astype(np.uint8), label, origin), fixed, transform,
+                           sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     seconds = time.perf_counter() - t0
 
     nii = write_image(warped, out_dir / f"{key}.nii.gz")
+    img = write_image(_like(warped_arr + np.float32(_AIR_HU), fixed), out_dir / f"{key}_image.nii.gz")
     res = RegistrationResult(
         fixed=fixed_image, moving=atlas_image, warped_label=nii, metric_before=metric_before,
         metric_after=metric_after, seconds=round(seconds, 3), cached=False, atlas_label=atlas_label, key=key,
+        warped_image=img, metric_init=metric_init, body_dice=body_dice, overlap=overlap,
+        init_translation_mm=tuple(float(v) for v in t),
     )
     stored = res.to_json()
     stored["config"] = cfg.model_dump(mode="json")
@@ -336,7 +641,8 @@ def _run_pair(fixed: Path, atlas: Path, label: Path, out_dir: Path, cfg_json: st
 
 
 def register_many(pairs: list[tuple[Path, Path, Path]], out_dir: Path, cfg: RegistrationConfig,
-                  progress: Callable[[RegistrationResult], None] | None = None) -> list[RegistrationResult]:
+                  progress: Callable[[RegistrationResult], None] | None = None,
+                  errors: Literal["raise", "record"] = "raise") -> list[RegistrationResult]:
     """Register ``(fixed_image, atlas_image, atlas_label)`` pairs, ``cfg.workers`` at a time.
 
     Each worker is a fresh ('spawn') process with one ITK and one OpenMP thread; loading ITK's
@@ -347,7 +653,9 @@ def register_many(pairs: list[tuple[Path, Path, Path]], out_dir: Path, cfg: Regi
     in the order of ``pairs``.
     If any pair fails, the others still run to the end (their results stay on disk, so a re-run
     only redoes the failed ones) and a :class:`FadalInputError` naming the files of every failed
-    pair is raised.
+    pair is raised. With ``errors="record"``, a pair on which elastix gave up
+    (:class:`RegistrationFailed`: a bad atlas for that scan, not bad input) comes back as a result
+    with ``error`` set and no files instead; other errors still raise.
     """
     out_dir = Path(out_dir)
     pairs = [tuple(Path(p) for p in pair) for pair in pairs]
@@ -368,7 +676,15 @@ def register_many(pairs: list[tuple[Path, Path, Path]], out_dir: Path, cfg: Regi
     failures: list[str] = []
 
     def _fail(idx: list[int], err: BaseException) -> None:
-        fixed, atlas, _ = pairs[idx[0]]
+        fixed, atlas, label = pairs[idx[0]]
+        if errors == "record" and isinstance(err, RegistrationFailed):
+            for i in idx:
+                results[i] = RegistrationResult(
+                    fixed=pairs[i][0], moving=pairs[i][1], warped_label=None, metric_before=float("nan"),  # type: ignore[arg-type]
+                    metric_after=float("nan"), seconds=0.0, cached=False, atlas_label=pairs[i][2], error=str(err))
+                if progress is not None:
+                    progress(results[i])
+            return
         failures.append(f"atlas {atlas} onto {fixed}: {type(err).__name__}: {err}")
 
     def _done(idx: list[int], res: RegistrationResult) -> None:

@@ -1,0 +1,399 @@
+"""Label efficiency on real CT: "I can annotate two scans; how close does FADAL get me to having
+annotated all of them?" OpenKBP head-and-neck organs at risk, sites A/B/C.
+
+Per site, a pool of training scans (official 'train' split): k of them labeled (k = 1, 2, 4; the
+scans with the most complete annotations, nested: the k = 1 scan is among the k = 2 ones), the
+others unlabeled. Variants, each cumulative on the one before:
+
+* ``supervised``: the k labeled scans per site only;
+* ``fusion``:     + multi-atlas pseudo-labels of the unlabeled scans (fadal.amplify.amplify_site);
+* ``synthesis``:  + synthetic pairs from learned transforms (fadal.amplify.synthesize);
+* ``selftrain``:  + self-training: the ``synthesis`` network refines the pseudo-labels, retrain
+  (fadal.amplify.selftrain);
+* ``full``:       upper bound: every scan of the pool labeled (its real, partial, annotations).
+
+Training is centralised (the sites' data pooled; this benchmark is about amplification, not
+federation), every run the same number of optimiser steps. Scores on the official 'validation'
+cases of each site, in each case's own geometry: per-organ Dice and HD95 (organs scored where drawn),
+and the fraction of the full-label Dice each variant recovers. Pseudo-label quality (Dice of the
+fused and refined labels against the real labels of the "unlabeled" scans) is reported as well.
+
+    python benchmarks/label_efficiency.py                  # default: ~70 min on 2 idle cores (estimated)
+    python benchmarks/label_efficiency.py --quick          # < 4 min smoke run
+    python benchmarks/label_efficiency.py --train-data ../shared/data/openkbp --out runs/bench_label_efficiency
+
+Runtime of the default (3 sites; 4 atlases + 8 unlabeled + 6 validation cases per site; 13 training
+runs of 300 steps), from per-step CPU times measured on this 2-core machine (one thread, shared,
+so wall times there were 2-3x longer) and scaled to 2 threads: training ~0.7 s/step -> ~46 min;
+96 atlas registrations for fusion (k = 1, 2 reuse k = 4's from the shared cache) ~4 min with 2
+workers; 96 synthesis registrations on the 6 mm grid ~6 min; 234 validation predictions with
+Dice/HD95 ~6 min; refinement predictions ~3 min; loading ~3 min: about 70 min. ``timing`` in
+results.json records what each stage really took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _openkbp import site_case_ids, spread, write_view  # noqa: E402  (shared with federation.py)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "openkbp"
+VARIANTS = ("supervised", "fusion", "synthesis", "selftrain")
+
+
+@dataclass
+class Settings:
+    ks: tuple[int, ...] = (1, 2, 4)       # labeled scans per site
+    unlabeled_per_site: int = 8           # unlabeled scans per site (the same ones for every k)
+    eval_per_site: int = 6                # validation cases per site (official 'validation' split)
+    sites: tuple[str, ...] = ("A", "B", "C")
+    spacing_mm: float = 6.0
+    # Measured here: a training step on the 6 mm grid (96x96x64 padded) costs about the same with 8..64
+    # as with 16..128 channels (the full-resolution layers dominate), ~1.2 s CPU on one thread.
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    steps: int = 300                      # optimiser steps per training run (batch 1), same for every variant
+    lr: float = 3e-3
+    confidence_threshold: float = 0.7     # fused voxels below this are ignored by the loss
+    # Atlas registration of `fadal amplify` (native grid): few iterations, shared cache across k.
+    registration: dict = field(default_factory=lambda: dict(
+        resolutions=2, affine_iterations=64, bspline_iterations=64, spatial_samples=1024, grid_spacing_mm=30.0,
+        workers=2))
+    # Synthesis: registration on the 6 mm grid (SynthesisConfig's defaults) and share of synthetic pairs.
+    synthesis: dict = field(default_factory=lambda: dict(fraction=0.5))
+    selftrain: dict = field(default_factory=lambda: dict(rounds=1, model_confidence=0.9))
+    variants: tuple[str, ...] = VARIANTS
+    full_label: bool = True
+    threads: int = 0                      # torch and ITK threads (0 = the libraries' defaults: every core)
+    seed: int = 0
+
+
+DEFAULT = Settings()
+QUICK = Settings(
+    ks=(1,), unlabeled_per_site=2, eval_per_site=1, spacing_mm=10.0, channels=(4, 8, 16), steps=10,
+    registration=dict(resolutions=1, affine_iterations=32, bspline_iterations=24, spatial_samples=512,
+                      grid_spacing_mm=40.0, workers=1),
+    synthesis=dict(fraction=0.5, registration=dict(resolutions=1, affine_iterations=32, bspline_iterations=24,
+                                                   spatial_samples=512, grid_spacing_mm=40.0, workers=1)),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+def choose_cases(train_meta: dict, eval_meta: dict, settings: Settings) -> dict[str, dict[str, list[str]]]:
+    """Per site: 'atlases' (labeled order, most complete annotations first), 'unlabeled', 'validation'."""
+    kmax = max(settings.ks)
+    plan = {}
+    for site in settings.sites:
+        train_ids = site_case_ids(train_meta, site, "train")
+        eval_ids = spread(site_case_ids(eval_meta, site, "validation"), settings.eval_per_site)
+        pool = spread(train_ids, kmax + settings.unlabeled_per_site)
+        if len(pool) < kmax + 1 or not eval_ids:
+            raise SystemExit(f"site {site}: {len(pool)} train / {len(eval_ids)} validation cases; need > {kmax} and >= 1")
+        # A hospital that annotates k scans draws every organ it can: take the most complete ones.
+        atlases = sorted(pool, key=lambda c: (-len(train_meta[c]["annotated"]), pool.index(c)))[:kmax]
+        plan[site] = {"atlases": atlases, "unlabeled": [c for c in pool if c not in atlases],
+                      "validation": eval_ids}
+    return plan
+
+
+def build_views(plan: dict, train_data: Path, eval_data: Path, dest: Path, settings: Settings) -> dict[str, dict[str, Path]]:
+    """views['k<k>'][site] = k labeled + unlabeled scans; views['full'][site] = all of them labeled."""
+    views: dict[str, dict[str, Path]] = {}
+    for k in settings.ks:
+        views[f"k{k}"] = {s: write_view(dest / f"k{k}" / f"site_{s}", train_data, eval_data, p["atlases"][:k],
+                                        p["validation"], p["unlabeled"]) for s, p in plan.items()}
+    if settings.full_label:
+        views["full"] = {s: write_view(dest / "full" / f"site_{s}", train_data, eval_data,
+                                       p["atlases"] + p["unlabeled"], p["validation"]) for s, p in plan.items()}
+    return views
+
+
+# --------------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------------
+
+def evaluate(model, sites: dict, pre) -> dict:
+    """Dice/HD95/surface Dice per organ, pooled over every site's validation cases, and per site."""
+    from fadal.evaluate.evaluate import evaluate_model_on_cases
+    from fadal.evaluate.metrics import summarize
+    from fadal.model.net import pick_device
+
+    per_case, per_site = {}, {}
+    for name, site in sites.items():
+        res = evaluate_model_on_cases(model, site, site.test, pre, pick_device())
+        per_case.update(res["per_case"])
+        per_site[name] = res["summary"]
+    return {"summary": summarize(per_case), "per_site": per_site, "per_case": per_case}
+
+
+def pseudo_label_dice(label_dirs: dict[str, Path], sites: dict, train_data: Path) -> dict:
+    """Mean Dice per organ of pseudo-labels against the real labels of the 'unlabeled' scans, over the
+    organs both drew (kept voxels only where a confidence map says a voxel is dropped)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    meta = json.loads((train_data / "cases.json").read_text())
+    scores: dict[str, list[float]] = {}
+    for name, site in sites.items():
+        d = label_dirs.get(name)
+        if d is None:
+            continue
+        for case in site.unlabeled:
+            lab, prov = d / "labels" / f"{case.case_id}.nii.gz", d / "provenance" / f"{case.case_id}.json"
+            if not (lab.exists() and prov.exists()):
+                continue
+            pred = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
+            ref = sitk.GetArrayFromImage(sitk.ReadImage(str(train_data / "labelsTr" / f"{case.case_id}.nii.gz")))
+            known = set(json.loads(prov.read_text()).get("organs_fused") or [])
+            for organ in meta[case.case_id]["annotated"]:
+                if organ not in known:
+                    continue
+                v = site.labels[organ]
+                a, b = pred == v, ref == v
+                if b.any():
+                    scores.setdefault(organ, []).append(2.0 * float(np.logical_and(a, b).sum()) / float(a.sum() + b.sum()))
+    out = {o: round(float(np.mean(v)), 4) for o, v in scores.items()}
+    out["mean"] = round(float(np.mean(list(out.values()))), 4) if out else None
+    return out
+
+
+def recovery(runs: dict) -> dict:
+    """Per run: Dice / full-label Dice, per organ and for the organ mean."""
+    full = runs.get("full", {}).get("summary")
+    if not full:
+        return {}
+    out = {}
+    for name, run in runs.items():
+        if name == "full":
+            continue
+        row = {}
+        for organ, ref in full.items():
+            d = run["summary"].get(organ, {}).get("dice")
+            if d is not None and ref.get("dice"):
+                row[organ] = round(d / ref["dice"], 4)
+        out[name] = row
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------------
+
+def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=print) -> dict:
+    import torch
+
+    from fadal.amplify.pipeline import amplify_site
+    from fadal.amplify.selftrain import SelfTrainSite, selftrain, train_model
+    from fadal.amplify.synthesize import site_synthesizer
+    from fadal.config import AmplifyConfig, PreprocessConfig, RegistrationConfig, SelfTrainConfig, SynthesisConfig, TrainConfig
+    from fadal.data.io import FadalInputError
+    from fadal.data.site import load_site
+    from fadal.model.train import site_training_items
+
+    t_start = time.perf_counter()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    import itk
+
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(settings.threads or os.cpu_count() or 1)
+    out.mkdir(parents=True, exist_ok=True)
+    train_meta = json.loads((train_data / "cases.json").read_text())
+    eval_meta = json.loads((eval_data / "cases.json").read_text())
+    plan = choose_cases(train_meta, eval_meta, settings)
+    views = build_views(plan, train_data, eval_data, out / "views", settings)
+    pre = PreprocessConfig(spacing_mm=(settings.spacing_mm,) * 3, hu_window=(-250.0, 750.0))  # soft tissue + mandible
+    train_cfg = TrainConfig(channels=settings.channels, lr=settings.lr, seed=settings.seed, num_threads=settings.threads,
+                            confidence_threshold=settings.confidence_threshold)
+    reg_cfg = RegistrationConfig(**settings.registration, seed=settings.seed)
+    syn_kw = dict(settings.synthesis)
+    if "registration" in syn_kw:
+        syn_kw["registration"] = RegistrationConfig(**syn_kw["registration"])
+    syn_cfg = SynthesisConfig(**syn_kw, seed=settings.seed)
+    st_cfg = SelfTrainConfig(**settings.selftrain)
+    timing: dict[str, float] = {"views_s": round(time.perf_counter() - t_start, 1)}
+    runs: dict[str, dict] = {}
+    pseudo: dict[str, dict] = {}
+    amplification: dict[str, dict] = {}
+
+    def add_time(key: str, t0: float) -> float:
+        dt = time.perf_counter() - t0
+        timing[key] = round(timing.get(key, 0.0) + dt, 1)
+        return dt
+
+    def fit_and_score(name: str, sites: dict, items: list, extra=(), model=None, train_s: float | None = None) -> None:
+        t0 = time.perf_counter()
+        if model is None:
+            model, res = train_model(items, pre, train_cfg, num_classes, settings.steps, extra)
+            train_s, steps, loss = add_time("train_s", t0), res.steps, res.loss
+        else:
+            steps, loss = None, None
+        t1 = time.perf_counter()
+        scores = evaluate(model, sites, pre)
+        runs[name] = {"train_items": len(items), "synthetic_share": round(sum(len(e) for e in extra) / max(len(items) + sum(len(e) for e in extra), 1), 3),
+                      "steps": steps, "final_loss": loss, "train_seconds": round(train_s or 0.0, 1),
+                      "eval_seconds": round(add_time("eval_s", t1), 1), **scores}
+        d = scores["summary"].get("mean", {}).get("dice")
+        log(f"  {name:<18} mean Dice {d if d is None else round(d, 3)}  (train {train_s or 0:.0f} s, eval {time.perf_counter() - t1:.0f} s)")
+        models[name] = model
+
+    models: dict[str, torch.nn.Module] = {}
+    num_classes = None
+    for k in settings.ks:
+        key = f"k{k}"
+        log(f"--- k = {k} labeled scan(s) per site, {settings.unlabeled_per_site} unlabeled")
+        sites = {s: load_site(v, name=f"site_{s}", validate=False) for s, v in views[key].items()}
+        num_classes = next(iter(sites.values())).num_classes
+        labeled_items = [it for site in sites.values() for it in site_training_items(site)]
+        if "supervised" in settings.variants:
+            fit_and_score(f"{key}/supervised", sites, labeled_items)
+        if not set(settings.variants) & {"fusion", "synthesis", "selftrain"}:
+            continue
+        # Multi-atlas fusion; the registrations are cached per site and shared across k (nested atlases).
+        t0 = time.perf_counter()
+        amp_dirs = {}
+        for s, view in views[key].items():
+            amp = out / "amplified" / key / f"site_{s}"
+            if amp.exists():
+                import shutil
+
+                shutil.rmtree(amp)
+            amp.mkdir(parents=True)
+            shared = out / "registrations" / f"site_{s}"
+            shared.mkdir(parents=True, exist_ok=True)
+            (amp / "registrations").symlink_to(shared.resolve(), target_is_directory=True)
+            amplification[f"{key}/site_{s}"] = {
+                x: v for x, v in amplify_site(view, amp, AmplifyConfig(registration=reg_cfg, max_atlases=k)).items()
+                if x in ("n_scans", "n_accepted", "n_rejected", "rejected", "n_atlases", "n_registrations_this_run",
+                         "n_failed_registrations_this_run", "registration_seconds_this_run", "total_seconds")}
+            amp_dirs[s] = amp
+        add_time("amplify_s", t0)
+        pseudo[f"{key}/fusion"] = pseudo_label_dice(amp_dirs, sites, train_data)
+        fused_items = [it for s, site in sites.items() for it in site_training_items(site, amp_dirs[s], True)]
+        if "fusion" in settings.variants:
+            fit_and_score(f"{key}/fusion", sites, fused_items)
+        synth = {}
+        if set(settings.variants) & {"synthesis", "selftrain"}:
+            t0 = time.perf_counter()
+            share = syn_cfg.fraction / (1.0 - syn_cfg.fraction)
+            for s, site in sites.items():
+                n_site = len(site_training_items(site, amp_dirs[s], True))
+                try:
+                    synth[s] = site_synthesizer(site, pre, syn_cfg, out / "synthesis_cache" / f"site_{s}",
+                                                length=max(1, round(share * n_site)))
+                except FadalInputError as err:  # e.g. every registration of the site failed
+                    log(f"    site {s}: no synthesis ({err})")
+            add_time("synthesis_learn_s", t0)
+            amplification[f"{key}/synthesis"] = {s: p.summary() for s, p in synth.items()}
+            if "synthesis" in settings.variants:
+                fit_and_score(f"{key}/synthesis", sites, fused_items, list(synth.values()))
+        if "selftrain" in settings.variants:
+            t0 = time.perf_counter()
+            result = selftrain([SelfTrainSite(site, amp_dirs[s], synth.get(s)) for s, site in sites.items()],
+                               out / "selftrain" / key, train_cfg, pre, st_cfg, steps=settings.steps,
+                               model=models.get(f"{key}/synthesis"), log=lambda m: log("    " + m))
+            dt = add_time("selftrain_s", t0)
+            last = result.label_dirs[-1]
+            pseudo[f"{key}/selftrain"] = pseudo_label_dice({s: last[site.name] for s, site in sites.items()}, sites, train_data)
+            items = [it for site in sites.values() for it in site_training_items(site, last[site.name], True)]
+            fit_and_score(f"{key}/selftrain", sites, items, list(synth.values()), model=result.model, train_s=dt)
+            runs[f"{key}/selftrain"]["rounds"] = result.rounds
+            runs[f"{key}/selftrain"]["steps"] = settings.steps
+    if settings.full_label:
+        log("--- full labels (upper bound)")
+        sites = {s: load_site(v, name=f"site_{s}", validate=False) for s, v in views["full"].items()}
+        num_classes = next(iter(sites.values())).num_classes
+        fit_and_score("full", sites, [it for site in sites.values() for it in site_training_items(site)])
+
+    doc = {
+        "settings": asdict(settings), "train_data": str(train_data), "eval_data": str(eval_data),
+        "sites": plan, "torch_threads": torch.get_num_threads(),
+        "runs": {n: {k: v for k, v in r.items() if k != "per_case"} for n, r in runs.items()},
+        "per_case": {n: r["per_case"] for n, r in runs.items()},
+        "recovery": recovery(runs), "pseudo_labels": pseudo, "amplification": amplification,
+        "timing": {**timing, "total_s": round(time.perf_counter() - t_start, 1)},
+    }
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+# --------------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------------
+
+def _fmt(x, width: int, digits: int = 3) -> str:
+    return f"{x:{width}.{digits}f}" if isinstance(x, (int, float)) else f"{'-':>{width}}"
+
+
+def print_tables(doc: dict, log=print) -> None:
+    runs = doc["runs"]
+    organs: list[str] = []
+    for r in runs.values():
+        organs += [o for o in r["summary"] if o not in organs and o != "mean"]
+    cols = organs + ["mean"]
+    head = f"{'run':<18}" + "".join(f"{o[:10]:>11}" for o in cols)
+    for metric, digits, title in (("dice", 3, "Dice per organ (validation cases, pooled over sites; organs scored where drawn)"),
+                                  ("hd95", 1, "HD95 per organ (mm; mean over cases where the organ was found)")):
+        log(f"\n{title}\n{head}")
+        for name, r in runs.items():
+            log(f"{name:<18}" + "".join(_fmt(r["summary"].get(o, {}).get(metric), 11, digits) for o in cols))
+    if doc["recovery"]:
+        log(f"\nFraction of the full-label Dice recovered\n{head}")
+        for name, row in doc["recovery"].items():
+            log(f"{name:<18}" + "".join(_fmt(row.get(o), 11, 2) for o in cols))
+    if doc["pseudo_labels"]:
+        log(f"\nPseudo-label Dice against the real labels of the 'unlabeled' scans\n{head}")
+        for name, row in doc["pseudo_labels"].items():
+            log(f"{name:<18}" + "".join(_fmt(row.get(o), 11, 3) for o in cols))
+    t = doc["timing"]
+    log("\nTime (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train-data", type=Path, default=DEFAULT_DATA, help="OpenKBP folder ('train' cases of cases.json)")
+    ap.add_argument("--eval-data", type=Path, default=None, help="folder with the 'validation' cases (default: --train-data)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_label_efficiency")  # runs/ is git-ignored
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (< 4 min): k=1, 2 unlabeled and 1 validation case per site")
+    ap.add_argument("--ks", default=None, help="comma-separated labeled scans per site, e.g. 1,2,4")
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps per training run")
+    ap.add_argument("--unlabeled-per-site", type=int, default=None)
+    ap.add_argument("--eval-per-site", type=int, default=None)
+    ap.add_argument("--sites", default=None, help="comma-separated OpenKBP sites (default A,B,C)")
+    ap.add_argument("--threads", type=int, default=None, help="torch/ITK threads (0 = all cores)")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS))
+    args = ap.parse_args(argv)
+    settings = QUICK if args.quick else DEFAULT
+    for key in ("steps", "unlabeled_per_site", "eval_per_site", "threads"):
+        if getattr(args, key) is not None:
+            settings = replace(settings, **{key: getattr(args, key)})
+    for key, conv in (("ks", int), ("sites", str), ("variants", str)):
+        if getattr(args, key):
+            settings = replace(settings, **{key: tuple(conv(v.strip()) for v in getattr(args, key).split(",") if v.strip())})
+    unknown = set(settings.variants) - set(VARIANTS)
+    if unknown:
+        print(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    train_data = args.train_data.resolve()
+    eval_data = (args.eval_data or args.train_data).resolve()
+    for d in {train_data, eval_data}:
+        if not (d / "cases.json").exists():
+            print(f"{d}: no cases.json (OpenKBP layout expected)", file=sys.stderr)
+            return 2
+    doc = run(settings, train_data, eval_data, args.out.resolve())
+    print_tables(doc)
+    print(f"\ntotal {doc['timing']['total_s']:.0f} s; results in {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Self-training with quality control: the network refines the pseudo-labels it was trained on.
+
+Why: multi-atlas fusion is wrong where registration fails (thin or mobile organs, unusual anatomy);
+a network trained on many scans is wrong elsewhere. Where the two agree, the label is much more
+likely right than either alone; where the network is very sure, it has usually learned something
+the atlases could not show. One round:
+
+1. train on the real labels + the current pseudo-labels (+ synthetic pairs, if given);
+2. predict every unlabeled scan (label and max class probability, on the scan's own grid);
+3. refine (:func:`refine_label`), per voxel: model and fusion agree -> keep (confidence 1); they
+   disagree but the model's probability >= ``model_confidence`` -> the model's label (confidence =
+   that probability); otherwise the voxel is dropped (confidence 0: the loss ignores it);
+4. quality control of the refined label (:func:`check_refined`: drift from the fusion, and the
+   amplification's own QC, :mod:`fadal.amplify.qc`) and write it, in the layout of `fadal amplify`
+   (``labels/``, ``confidence/``, ``provenance/`` with ``"qc"``/``"status"``), so the next round and
+   ``fadal train --amplified`` read it like any amplification;
+5. retrain (a fresh network by default, so the previous weights' mistakes are not simply kept).
+
+Partial annotations: only organs the fusion produced (``organs_fused`` in its provenance; without
+fusion, the organs the site's labeled cases drew) are *known* in a refined label. A model prediction
+of any other organ becomes 0 there and, that organ being unknown, the partial-label loss treats the 0
+as "background or that organ", never as plain background.
+
+QC: a scan whose amplification was rejected (provenance ``"status"``/``"qc"``, see
+:func:`fadal.model.train.provenance_qc_accepted`) is not refined. A refined label that QC rejects is
+written (for inspection) but marked rejected, and training skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
+from fadal.config import PreprocessConfig, SelfTrainConfig, TrainConfig
+from fadal.data.io import read_image, same_geometry, resample_like, write_image, write_json
+from fadal.data.site import Site
+from fadal.model.infer import predict_image, save_checkpoint
+from fadal.model.net import build_network, pick_device
+from fadal.model.train import (TrainResult, make_loader, provenance_qc_accepted, seed_everything,
+                               site_training_items, train_epochs)
+
+
+@dataclass
+class SelfTrainSite:
+    """One site's share of self-training (everything here stays at the site)."""
+
+    site: Site
+    amplified: Path | None = None  # `fadal amplify` output: labels/, confidence/, provenance/
+    synthetic: torch.utils.data.Dataset | None = None  # e.g. a SyntheticPairs sampler
+
+
+@dataclass
+class SelfTrainResult:
+    model: torch.nn.Module
+    rounds: list[dict] = field(default_factory=list)
+    label_dirs: list[dict[str, Path]] = field(default_factory=list)  # per round: site name -> refined outputs
+
+
+def train_model(items: Sequence[dict], pre: PreprocessConfig, train_cfg: TrainConfig, num_classes: int,
+                steps: int | None = None, extra: Sequence[torch.utils.data.Dataset] = (),
+                model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, TrainResult]:
+    """Train (a new network unless ``model`` is given) on ``items`` + ``extra`` datasets: ``steps``
+    samples drawn with replacement, or ``train_cfg.epochs`` epochs when ``steps`` is None."""
+    seed_everything(train_cfg.seed, train_cfg.num_threads)
+    model = model if model is not None else build_network(num_classes, train_cfg)
+    loader = make_loader(items, pre, num_classes, train_cfg.batch_size, extra=extra, num_samples=steps)
+    result = train_epochs(model, loader, train_cfg, 1 if steps else train_cfg.epochs, pick_device())
+    return model, result
+
+
+def refine_label(model_label: np.ndarray, model_conf: np.ndarray, known: Sequence[int],
+                 fused_label: np.ndarray | None = None, model_confidence: float = 0.9
+                 ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(refined label uint8, confidence float32, stats) by the rule in the module docstring.
+
+    ``model_label``/``model_conf``: the network's argmax and max probability; ``known``: organ ids
+    this pseudo-label may contain; ``fused_label``: the fusion's label (None: model-only rule, keep
+    where the model's probability >= ``model_confidence``).
+    """
+    model_label = np.where(np.isin(model_label, list(known)), model_label, 0).astype(np.uint8)
+    sure = model_conf >= model_confidence
+    if fused_label is None:
+        label = model_label
+        conf = np.where(sure, model_conf, 0.0)
+        agree = np.zeros_like(sure)
+    else:
+        agree = model_label == fused_label
+        take_model = ~agree & sure
+        label = np.where(agree | take_model, model_label, fused_label).astype(np.uint8)
+        conf = np.where(agree, 1.0, np.where(take_model, model_conf, 0.0))
+    n = max(model_label.size, 1)
+    stats = {
+        "agree_fraction": round(float(agree.sum()) / n, 4),
+        "model_only_fraction": round(float((~agree & sure).sum()) / n, 4),
+        "dropped_fraction": round(float((conf == 0).sum()) / n, 4),
+    }
+    return label, conf.astype(np.float32), stats
+
+
+def check_refined(label: np.ndarray, conf: np.ndarray, known: Sequence[int], names: dict[int, str],
+                  fused_label: np.ndarray | None, cfg: SelfTrainConfig,
+                  reference: dict[int, OrganReference] | None = None, voxel_ml: float = 1.0
+                  ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """QC of a refined label -> (label, confidence, verdict), flagged organs demoted to unknown.
+
+    Two checks per organ: *drift* -- its kept volume must stay within [``min_volume_ratio``,
+    ``max_volume_ratio``] x its fused volume on the same scan (a refinement that halves or doubles an
+    organ has more likely gone wrong than found the truth); then the amplification's own checks
+    (:func:`fadal.amplify.qc.check_pseudo_label`: volume against the site's atlases, fragmentation,
+    missing, low confidence). A flagged organ gets label 0 and confidence 0 and leaves ``kept``; the
+    scan is rejected when more than ``cfg.qc.max_flagged_fraction`` of its organs are flagged or none
+    is left (the amplification's rule).
+    """
+    reasons, drift = [], []
+    if fused_label is not None:
+        for c in known:
+            f = int((fused_label == c).sum())
+            if f == 0:
+                continue
+            ratio = int(((label == c) & (conf > 0)).sum()) / f
+            if not cfg.min_volume_ratio <= ratio <= cfg.max_volume_ratio:
+                drift.append(c)
+                reasons.append(f"{names.get(c, c)}: refined/fused volume {ratio:.2f} outside "
+                               f"[{cfg.min_volume_ratio:g}, {cfg.max_volume_ratio:g}]")
+    rest = [c for c in known if c not in drift]
+    amp = check_pseudo_label(label, conf, voxel_ml, rest, reference or {}, names, cfg.qc)
+    demoted = drift + [c for c in rest if c not in amp.kept]
+    kept = [c for c in rest if c in amp.kept]
+    reasons += amp.reasons
+    accepted = amp.accepted and bool(kept) and len(demoted) / max(len(known), 1) <= cfg.qc.max_flagged_fraction
+    if not accepted and not reasons:
+        reasons.append("no organ left")
+    label, conf = demote(label, conf, demoted)
+    verdict = {"accepted": accepted, "reasons": reasons, "kept": [names.get(c, str(c)) for c in kept],
+               "demoted": [names.get(c, str(c)) for c in demoted], "organs": amp.organs,
+               "checker": "fadal.amplify.selftrain.check_refined (drift + fadal.amplify.qc)"}
+    return label, conf, verdict
+
+
+def _known_organs(sts: SelfTrainSite, provenance: dict | None) -> list[int]:
+    site = sts.site
+    if provenance is not None and provenance.get("organs_fused") is not None:
+        return [site.labels[o] if isinstance(o, str) else int(o) for o in provenance["organs_fused"]]
+    return sorted({i for c in site.labeled for i in site.annotated_ids(c)})
+
+
+def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: PreprocessConfig,
+                cfg: SelfTrainConfig, round_no: int = 1, device: torch.device | None = None) -> dict:
+    """Predict, refine, check and write every unlabeled scan of one site; return a summary."""
+    site, out_dir = sts.site, Path(out_dir)
+    names = {v: k for k, v in site.labels.items()}
+    device = device or pick_device()
+    # What the site's own labeled scans say each organ looks like (volumes, parts): the QC reference.
+    reference = atlas_reference([c.label for c in site.labeled], [site.annotated_ids(c) for c in site.labeled],
+                                [v for v in site.labels.values() if v != 0])
+    per_case: dict[str, dict] = {}
+    for case in site.unlabeled:
+        t0 = time.perf_counter()
+        prov_in, fused_img = None, None
+        if sts.amplified is not None:
+            p = Path(sts.amplified) / "provenance" / f"{case.case_id}.json"
+            if p.exists():
+                prov_in = json.loads(p.read_text())
+                if not provenance_qc_accepted(prov_in):
+                    per_case[case.case_id] = {"skipped": "fusion QC rejected this scan"}
+                    continue
+                lab_path = Path(sts.amplified) / "labels" / f"{case.case_id}.nii.gz"
+                fused_img = read_image(lab_path) if lab_path.exists() else None
+        image = read_image(case.image)
+        pred, pconf = predict_image(model, image, pre, device)
+        fused = None
+        if fused_img is not None:
+            if same_geometry(fused_img, image) is not None:
+                fused_img = resample_like(fused_img, image, is_label=True)
+            fused = sitk.GetArrayFromImage(fused_img)
+        known = _known_organs(sts, prov_in)
+        label, conf, stats = refine_label(sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(pconf), known,
+                                          fused, cfg.model_confidence)
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        label, conf, qc = check_refined(label, conf, known, names, fused, cfg, reference, voxel_ml)
+        for sub, arr in (("labels", label), ("confidence", conf)):
+            img = sitk.GetImageFromArray(arr)
+            img.CopyInformation(image)  # exactly the scan's geometry
+            write_image(img, out_dir / sub / f"{case.case_id}.nii.gz")
+        prov = {
+            "case": case.case_id, "image": str(case.image), "source": "selftrain", "round": round_no,
+            "fusion": str(sts.amplified) if fused is not None else None,
+            "status": "accepted" if qc["accepted"] else "rejected",
+            # What training may trust: organs known here and kept by QC (demoted ones are unknown).
+            "organs_fused": qc["kept"], "organs_demoted": qc["demoted"],
+            "rule": {"model_confidence": cfg.model_confidence},
+            "stats": stats, "qc": qc, "seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_json(prov, out_dir / "provenance" / f"{case.case_id}.json")  # last: marks the case done
+        per_case[case.case_id] = {"qc": qc["accepted"], **stats}
+    summary = {"site": site.name, "round": round_no, "per_case": per_case,
+               "accepted": sum(1 for v in per_case.values() if v.get("qc")), "scans": len(site.unlabeled)}
+    write_json(summary, out_dir / "selftrain.json")
+    return summary
+
+
+def selftrain(sites: Sequence[SelfTrainSite], out: Path, train_cfg: TrainConfig, pre: PreprocessConfig,
+              cfg: SelfTrainConfig, steps: int | None = None, model: torch.nn.Module | None = None,
+              log: Callable[[str], None] | None = None) -> SelfTrainResult:
+    """``cfg.rounds`` rounds of predict -> refine -> retrain over ``sites`` (pooled training).
+
+    Without ``model``, round 0 trains one on the real labels + the sites' fused pseudo-labels (QC-
+    accepted) + synthetic pairs. Refined labels go to ``out/round_<r>/<site name>/``; the final
+    network to ``out/model.pt``.
+    """
+    out = Path(out)
+    log = log or (lambda _: None)
+    labels = sites[0].site.labels
+    num_classes = max(labels.values()) + 1
+    extra = [s.synthetic for s in sites if s.synthetic is not None]
+    history: list[dict] = []
+    if model is None:
+        items = [it for s in sites for it in site_training_items(s.site, s.amplified, s.amplified is not None)]
+        model, res = train_model(items, pre, train_cfg, num_classes, steps, extra)
+        history.append({"round": 0, "items": len(items), "loss": res.loss, "steps": res.steps, "seconds": res.seconds})
+        log(f"self-training round 0: trained on {len(items)} items, loss {res.loss:.3f}")
+    dirs: list[dict[str, Path]] = []
+    for r in range(1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        round_dirs = {s.site.name: out / f"round_{r}" / s.site.name for s in sites}
+        refined = {s.site.name: refine_site(model, s, round_dirs[s.site.name], pre, cfg, r) for s in sites}
+        t_refine = time.perf_counter() - t0
+        items = [it for s in sites for it in site_training_items(s.site, round_dirs[s.site.name], True)]
+        model, res = train_model(items, pre, train_cfg, num_classes, steps, extra,
+                                 model=None if cfg.fresh_model else model)
+        history.append({"round": r, "items": len(items), "loss": res.loss, "steps": res.steps,
+                        "seconds": res.seconds, "refine_seconds": round(t_refine, 2),
+                        "accepted": {k: v["accepted"] for k, v in refined.items()},
+                        "scans": {k: v["scans"] for k, v in refined.items()}})
+        dirs.append(round_dirs)
+        log(f"self-training round {r}: refined in {t_refine:.0f} s, trained on {len(items)} items, loss {res.loss:.3f}")
+    save_checkpoint(model, out / "model.pt", labels, train_cfg, pre, {"selftrain": history})
+    write_json({"rounds": history}, out / "history.json")
+    return SelfTrainResult(model, history, dirs)

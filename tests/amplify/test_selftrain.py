@@ -1,0 +1,112 @@
+"""Self-training: the refinement rule, QC, and one real round on a tiny site."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from fadal.amplify.selftrain import SelfTrainSite, check_refined, refine_label, selftrain
+from fadal.amplify.synthesize import LearnedTransform, SyntheticPairs, _normalised, _world_points, prepare
+from fadal.config import PreprocessConfig, SelfTrainConfig, TrainConfig
+from fadal.data.io import read_image, same_geometry
+from fadal.data.site import load_site
+from fadal.model.train import make_loader, provenance_qc_accepted, site_training_items
+
+PRE = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0))
+TINY = TrainConfig(channels=(4, 8), lr=1e-2, num_threads=1)
+
+
+def test_refine_label_keeps_agreement_and_confident_model_voxels():
+    fused = np.array([0, 1, 1, 2, 2, 0])
+    model = np.array([0, 1, 2, 1, 2, 3])  # organ 3 is not known here
+    conf = np.array([0.6, 0.5, 0.95, 0.6, 0.99, 0.99], dtype=np.float32)
+    label, c, stats = refine_label(model, conf, known=[1, 2], fused_label=fused, model_confidence=0.9)
+    assert label.tolist() == [0, 1, 2, 2, 2, 0]  # agree, agree, model sure, dropped (fusion kept), agree, unknown->0
+    assert c.tolist() == [1.0, 1.0, np.float32(0.95), 0.0, 1.0, 1.0]
+    assert stats["dropped_fraction"] == round(1 / 6, 4)
+    label, c, _ = refine_label(model, conf, known=[1, 2], model_confidence=0.9)  # no fusion: model-only rule
+    assert label.tolist() == [0, 1, 2, 1, 2, 0] and (c > 0).tolist() == [False, False, True, False, True, True]
+
+
+def test_check_refined_demotes_drifting_organs_and_rejects_when_most_drift():
+    cfg = SelfTrainConfig()
+    names = {1: "a", 2: "b"}
+    fused = np.zeros((6, 6, 6), np.uint8)
+    fused[1:3, 1:5, 1:5] = 1  # 32 voxels
+    fused[4:6, 1:5, 1:5] = 2
+    conf = np.ones(fused.shape, np.float32)
+    label, c, ok = check_refined(fused, conf, [1, 2], names, fused, cfg)
+    assert ok["accepted"] and ok["kept"] == ["a", "b"] and provenance_qc_accepted({"qc": ok})
+    shrunk = fused.copy()
+    shrunk[1:3, 1:5, 2:5] = 0  # organ a keeps a quarter of its fused volume
+    label, c, one = check_refined(shrunk, conf, [1, 2], names, fused, cfg)
+    assert one["accepted"] and one["demoted"] == ["a"] and one["kept"] == ["b"] and "a:" in one["reasons"][0]
+    assert not (label == 1).any() and (c[shrunk == 1] == 0).all()  # demoted: unknown, ignored by the loss
+    shrunk[4:6, 1:5, 2:5] = 0
+    _, _, bad = check_refined(shrunk, conf, [1, 2], names, fused, cfg)
+    assert not bad["accepted"] and not provenance_qc_accepted({"qc": bad})
+    assert not provenance_qc_accepted({"status": "rejected"}) and provenance_qc_accepted({})
+
+
+def _site_with_fusion(tiny_site):
+    """tiny_site (2 labeled, 1 unlabeled) + a second unlabeled scan; fusion outputs for both, the
+    second one rejected by QC. The phantom's organs do not depend on its noise seed, so a labeled
+    case's label map stands in for a good fused label."""
+    shutil.copy(tiny_site / "imagesTr" / "case_000_0000.nii.gz", tiny_site / "imagesTr" / "case_009_0000.nii.gz")
+    amp = tiny_site.parent / "amplified"
+    for case, qc in (("case_002", None), ("case_009", {"accepted": False, "reasons": ["test"]})):
+        (amp / "labels").mkdir(parents=True, exist_ok=True)
+        shutil.copy(tiny_site / "labelsTr" / "case_000.nii.gz", amp / "labels" / f"{case}.nii.gz")
+        prov = {"case": case, "organs_fused": ["organA", "organB"]}
+        if qc is not None:
+            prov["qc"] = qc
+        (amp / "provenance").mkdir(exist_ok=True)
+        (amp / "provenance" / f"{case}.json").write_text(json.dumps(prov))
+    return load_site(tiny_site), amp
+
+
+def test_selftrain_one_round_writes_refined_labels_in_scan_geometry(tiny_site, tmp_path):
+    torch.set_num_threads(1)
+    site, amp = _site_with_fusion(tiny_site)
+    assert [c.case_id for c in site.unlabeled] == ["case_002", "case_009"]
+    # The QC-rejected fused label never reaches training.
+    assert len(site_training_items(site, amp, True)) == 3
+    out = tmp_path / "selftrain"
+    result = selftrain([SelfTrainSite(site, amp)], out, TINY, PRE, SelfTrainConfig(rounds=1), steps=6)
+    assert [h["round"] for h in result.rounds] == [0, 1] and (out / "model.pt").exists()
+    refined = out / "round_1" / site.name
+    image = read_image(site.unlabeled[0].image)
+    label, conf = read_image(refined / "labels" / "case_002.nii.gz"), read_image(refined / "confidence" / "case_002.nii.gz")
+    assert same_geometry(label, image) is None and same_geometry(conf, image) is None
+    c = sitk.GetArrayViewFromImage(conf)
+    assert c.min() >= 0.0 and c.max() <= 1.0
+    assert set(np.unique(sitk.GetArrayViewFromImage(label))) <= {0, 1, 2}
+    prov = json.loads((refined / "provenance" / "case_002.json").read_text())
+    assert prov["source"] == "selftrain" and prov["status"] in ("accepted", "rejected")
+    assert set(prov["organs_fused"]) | set(prov["organs_demoted"]) == {"organA", "organB"}
+    assert not (refined / "labels" / "case_009.nii.gz").exists()  # fusion QC rejected it: not refined
+    summary = json.loads((refined / "selftrain.json").read_text())
+    assert summary["per_case"]["case_009"] == {"skipped": "fusion QC rejected this scan"}
+
+
+def test_make_loader_mixes_in_synthetic_pairs(tiny_site):
+    site = load_site(tiny_site)
+    case = site.labeled[0]
+    atlas = prepare(case.case_id, case.image, PRE, case.label, site.annotated_ids(case))
+    # A hand-made "learned" transform: the identity on the atlas's own grid (no registration needed).
+    grid = _normalised(torch.as_tensor(_world_points(atlas.image.shape, atlas.affine)), atlas.affine, atlas.image.shape)
+    t = LearnedTransform("self", grid.half(), atlas.affine, torch.zeros_like(atlas.image).half(), 0.0, 1.0, 1.0, 0.0)
+    pairs = SyntheticPairs([atlas], [[t]], site.num_classes, length=50)
+    loader = make_loader(site_training_items(site), PRE, site.num_classes, extra=[pairs], num_samples=8)
+    batches = list(loader)
+    assert len(batches) == 8
+    assert sum(b["version"][0] == "synthetic" for b in batches) >= 4  # 50 of 52 items are synthetic
+    syn = next(b for b in batches if b["version"][0] == "synthetic")
+    real = next((b for b in batches if b["version"][0] != "synthetic"), None)
+    assert syn["known"].shape == (1, site.num_classes) and syn["image"].shape[:2] == (1, 1)
+    if real is not None:
+        assert syn["image"].shape == real["image"].shape  # same grid as the (identically sampled) real item
