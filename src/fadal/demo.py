@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from fadal.config import AmplifyConfig, FederationConfig, PreprocessConfig, RegistrationConfig, SiteSpec, TrainConfig
+from fadal.config import (AmplifyConfig, FederationConfig, PreprocessConfig, QCConfig, RegistrationConfig, SiteSpec,
+                          TrainConfig)
 from fadal.data.io import write_json
 from fadal.data.phantom import make_phantom
 from fadal.pipeline import amplify_sites, evaluate_checkpoint, federate, metrics_document, train_centralised, write_run_report
@@ -34,6 +35,7 @@ class DemoSettings:
     registration_resolutions: int = 3
     registration_iterations: int = 128
     registration_workers: int = 2
+    quality_control: bool = True
     spacing_mm: float = 5.0
     channels: tuple[int, ...] = (16, 32, 64, 128)
 
@@ -41,6 +43,7 @@ class DemoSettings:
 #: Seconds, not minutes: for tests of the whole path; its numbers mean nothing.
 QUICK = DemoSettings(sites=2, labeled=2, unlabeled=1, test=1, rounds=2, local_epochs=1, evaluate_every=1,
                      registration_resolutions=2, registration_iterations=40, registration_workers=1,
+                     quality_control=False,  # 40-iteration registrations: QC would reject them all
                      spacing_mm=8.0, channels=(8, 16, 32))
 
 
@@ -62,7 +65,8 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
 
     amp_cfg = AmplifyConfig(registration=RegistrationConfig(
         resolutions=settings.registration_resolutions, affine_iterations=settings.registration_iterations,
-        bspline_iterations=settings.registration_iterations, workers=settings.registration_workers))
+        bspline_iterations=settings.registration_iterations, workers=settings.registration_workers),
+        qc=QCConfig(enabled=settings.quality_control))
     amplification = amplify_sites(sites, out / "amplified", amp_cfg)
     stage("amplify")
 

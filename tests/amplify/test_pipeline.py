@@ -136,3 +136,21 @@ def test_failed_atlas_excluded_and_unregistrable_scan_rejected(tmp_path, phantom
     row = _amplification_row(summary)
     assert (row["scans"], row["accepted"], row["rejected"]) == (2, 1, 1)
     assert row["rejections"] == ["u002: all 3 atlas registrations failed"]
+
+
+def test_atlas_selection_excludes_failures_and_keeps_the_best_top_k(tmp_path):
+    from fadal.amplify.pipeline import _select_atlases
+    from fadal.amplify.register import RegistrationResult
+    from fadal.config import FusionConfig
+
+    def result(ncc, body_dice=0.95, error=None):
+        return RegistrationResult(fixed=tmp_path, moving=tmp_path, warped_label=tmp_path, metric_before=0.0,
+                                  metric_after=ncc, seconds=1.0, cached=False, body_dice=body_dice, overlap=1.0,
+                                  error=error)
+
+    results = [result(0.5), result(0.1), result(0.8), result(0.6, body_dice=0.5), result(0.7), result(0.9, error="x")]
+    chosen, why = _select_atlases(results, AmplifyConfig())
+    assert chosen == [2, 4, 0] and set(why) == {1, 3, 5}
+    assert "NCC 0.100" in why[1] and "body-mask Dice" in why[3] and why[5] == "registration failed: x"
+    chosen, why = _select_atlases(results, AmplifyConfig(fusion=FusionConfig(top_k=2)))
+    assert chosen == [2, 4] and why[0].startswith("not selected")

@@ -168,7 +168,8 @@ def weighted_vote(labels: Sequence[np.ndarray], log_weights: Sequence[np.ndarray
         raise FadalInputError(f"{len(log_weights)} weight maps for {len(arrays)} atlases")
     for i, w in enumerate(log_weights):
         if np.shape(w) != arrays[0].shape:
-            raise FadalInputError(f"atlas {i}: weight map shape {np.shape(w)} differs from the labels' {arrays[0].shape}")
+            raise FadalInputError(f"atlas {i}: weight map shape {np.shape(w)} differs from the labels' "
+                                  f"{arrays[0].shape}")
     sets = _annotated_sets(len(arrays), num_classes, annotated)
 
     def probabilities():

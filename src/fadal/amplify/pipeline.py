@@ -118,8 +118,7 @@ def _organ_stats(label: np.ndarray, confidence: np.ndarray, names: dict[int, str
     return stats
 
 
-def _select_atlases(atlases: Labeled, results: list[RegistrationResult], cfg: AmplifyConfig
-                    ) -> tuple[list[int], dict[int, str]]:
+def _select_atlases(results: list[RegistrationResult], cfg: AmplifyConfig) -> tuple[list[int], dict[int, str]]:
     """Indices of the atlases to fuse (best NCC first, at most ``top_k``) and the reasons the others are not."""
     why: dict[int, str] = {}
     ok = []
@@ -139,9 +138,9 @@ def _select_atlases(atlases: Labeled, results: list[RegistrationResult], cfg: Am
 def _amplify_case(case: str, img: Path, atlases: Labeled, results: list[RegistrationResult], out_dir: Path,
                   cfg: AmplifyConfig, num_classes: int, names: dict[int, str],
                   reference: dict[int, OrganReference]) -> dict:
-    """Select, fuse, check and write one scan's pseudo-label; return its provenance (already written)."""
+    """Select atlases, fuse, check and write one scan's pseudo-label (none if rejected); return its provenance."""
     t0 = time.perf_counter()
-    chosen, why = _select_atlases(atlases, results, cfg)
+    chosen, why = _select_atlases(results, cfg)
     provenance: dict = {
         "case": case,
         "image": str(img),
@@ -150,7 +149,7 @@ def _amplify_case(case: str, img: Path, atlases: Labeled, results: list[Registra
             {
                 "case": a_case, "image": str(a_img), "label": str(a_lab),
                 "annotated": [names.get(c, str(c)) for c in ids],
-                "status": "used" if i in chosen else ("failed" if why[i].startswith("registration") else "not_selected"),
+                "status": "used" if i in chosen else "failed" if why[i].startswith("registration") else "not_selected",
                 "reason": why.get(i),
                 "warped_label": None if r.warped_label is None else str(r.warped_label),
                 "metric": r.metric_name, "metric_before": _r(r.metric_before), "metric_init": _r(r.metric_init),

@@ -381,14 +381,15 @@ def initial_translation(fixed: sitk.Image, moving: sitk.Image, fixed_arr: np.nda
     def common(tz: float) -> tuple[float, float]:
         return max(f0, m0 - tz), min(f1, m1 - tz)
 
-    lo, hi = sorted((m0 - f0, m1 - f1))
-    candidates = [cog]
-    for tz in np.arange(lo - 0.1 * short, hi + 0.1 * short + 1e-6, cfg.init_step_mm):
+    def candidate(tz: float) -> np.ndarray | None:
         z_lo, z_hi = common(tz)
         sf = pf[(pf[:, 2] >= z_lo) & (pf[:, 2] <= z_hi)]
         sm = pm[(pm[:, 2] >= z_lo + tz) & (pm[:, 2] <= z_hi + tz)]
-        if len(sf) and len(sm):
-            candidates.append(np.array([*(sm[:, :2].mean(0) - sf[:, :2].mean(0)), tz]))
+        return np.array([*(sm[:, :2].mean(0) - sf[:, :2].mean(0)), tz]) if len(sf) and len(sm) else None
+
+    lo, hi = sorted((m0 - f0, m1 - f1))
+    grid = np.arange(lo - 0.1 * short, hi + 0.1 * short + 1e-6, cfg.init_step_mm)
+    candidates = [cog, *(c for c in map(candidate, grid) if c is not None)]
 
     fc = _coarse(fixed_arr, fixed, cfg.init_coarse_mm)
     mc = _coarse(moving_arr, moving, cfg.init_coarse_mm)
@@ -407,15 +408,29 @@ def initial_translation(fixed: sitk.Image, moving: sitk.Image, fixed_arr: np.nda
         m = (fbody | mbody) & (arr >= 0) & (fz >= z_lo) & (fz <= z_hi)
         return _ncc(fca, arr, m) * (z_hi - z_lo) / short
 
-    scores = np.nan_to_num(np.array([score(t) for t in candidates]), nan=-np.inf)
-    return candidates[int(np.argmax(scores))] if np.isfinite(scores).any() else cog
+    def best() -> tuple[np.ndarray, float]:
+        vals = np.array([-np.inf if np.isnan(v) else v for v in scores])
+        return candidates[int(np.argmax(vals))], float(vals.max())
+
+    scores = [score(t) for t in candidates]
+    # Refine the craniocaudal offset below the grid step: half, then quarter steps either side.
+    for step in (cfg.init_step_mm / 2, cfg.init_step_mm / 4):
+        top = best()[0]
+        for c in (candidate(top[2] - step), candidate(top[2] + step)):
+            if c is not None:
+                candidates.append(c)
+                scores.append(score(c))
+    top, value = best()
+    return top if np.isfinite(value) else cog
 
 
 # --------------------------------------------------------------------------------------------------
 # elastix
 # --------------------------------------------------------------------------------------------------
 
-def _parameter_object(cfg: RegistrationConfig):
+def parameter_object(cfg: RegistrationConfig, default_pixel_value: float = _OUTSIDE):
+    """Elastix recipe shared by atlas propagation and synthesis: affine then B-spline, one metric,
+    body masks. ``default_pixel_value`` fills outside the moving image's field of view."""
     import itk
 
     po = itk.ParameterObject.New()
@@ -423,7 +438,7 @@ def _parameter_object(cfg: RegistrationConfig):
         "NumberOfResolutions": [str(cfg.resolutions)],
         "NumberOfSpatialSamples": [str(cfg.spatial_samples)],
         "RandomSeed": [str(cfg.seed)],
-        "DefaultPixelValue": [f"{_OUTSIDE:g}"],  # marks the warped atlas's field of view
+        "DefaultPixelValue": [f"{default_pixel_value:g}"],  # marks the warped atlas's field of view
         "WriteResultImage": ["false"],
         "ResultImagePixelType": ["float"],
         # Step sizes from the expected voxel displacement: as good here, and cheaper than the
@@ -490,7 +505,8 @@ def _displacement(transform_parameters, fixed: sitk.Image, grid_spacing_mm: floa
         m["Origin"] = [f"{v:.10g}" for v in fixed.GetOrigin()]
         params.AddParameterMap(m)
     dummy = itk.image_from_array(np.zeros((2, 2, 2), np.float32))
-    field = itk.transformix_deformation_field(dummy, params, log_to_console=False)
+    with tempfile.TemporaryDirectory(prefix="fadal_transformix_") as tmp:  # it writes deformationField.nii
+        field = itk.transformix_deformation_field(dummy, params, log_to_console=False, output_directory=tmp)
     arr = np.asarray(itk.array_from_image(field), dtype=np.float64)
     if arr.shape[:3] != tuple(size[::-1]):
         raise RuntimeError(f"transformix returned a field of shape {arr.shape}, expected {tuple(size[::-1])}")
@@ -579,7 +595,7 @@ def _register_uncached(fixed_image: Path, atlas_image: Path, atlas_label: Path, 
         try:
             _, transform_parameters = itk.elastix_registration_method(
                 _to_itk(fixed_arr, fixed), _to_itk(atlas_arr, atlas, origin),
-                parameter_object=_parameter_object(cfg), log_to_console=False, log_to_file=True,
+                parameter_object=parameter_object(cfg), log_to_console=False, log_to_file=True,
                 output_directory=log_dir, **masks,
             )
         except RuntimeError as err:
@@ -680,8 +696,9 @@ def register_many(pairs: list[tuple[Path, Path, Path]], out_dir: Path, cfg: Regi
         if errors == "record" and isinstance(err, RegistrationFailed):
             for i in idx:
                 results[i] = RegistrationResult(
-                    fixed=pairs[i][0], moving=pairs[i][1], warped_label=None, metric_before=float("nan"),  # type: ignore[arg-type]
-                    metric_after=float("nan"), seconds=0.0, cached=False, atlas_label=pairs[i][2], error=str(err))
+                    fixed=pairs[i][0], moving=pairs[i][1], warped_label=None,  # type: ignore[arg-type]
+                    metric_before=float("nan"), metric_after=float("nan"), seconds=0.0, cached=False,
+                    atlas_label=pairs[i][2], error=str(err))
                 if progress is not None:
                     progress(results[i])
             return

@@ -127,33 +127,6 @@ def _to_itk(arr_xyz: np.ndarray, affine: np.ndarray, dtype=np.float32):
     return im
 
 
-def _elastix_parameters(cfg: RegistrationConfig):
-    """Affine then B-spline, one metric, body masks: the recipe of amplify/register.py."""
-    import itk
-
-    po = itk.ParameterObject.New()
-    common = {
-        "NumberOfResolutions": [str(cfg.resolutions)], "NumberOfSpatialSamples": [str(cfg.spatial_samples)],
-        "RandomSeed": [str(cfg.seed)], "DefaultPixelValue": ["0"], "WriteResultImage": ["false"],
-        "ASGDParameterEstimationMethod": ["DisplacementDistribution"], "Metric": [cfg.metric],
-        # Body masks keep their outline (the strongest feature); the atlas arrives pre-translated.
-        "ErodeMask": ["false"], "AutomaticTransformInitialization": ["false"],
-    }
-    affine = po.GetDefaultParameterMap("affine", cfg.resolutions)
-    affine.update(common)
-    affine["MaximumNumberOfIterations"] = [str(cfg.affine_iterations)]
-    bspline = po.GetDefaultParameterMap("bspline", cfg.resolutions, float(cfg.grid_spacing_mm))
-    bspline.update(common)
-    bspline["Registration"] = ["MultiResolutionRegistration"]
-    for k in ("Metric0Weight", "Metric1Weight"):
-        bspline.pop(k, None)
-    bspline["MaximumNumberOfIterations"] = [str(cfg.bspline_iterations)]
-    bspline["FinalGridSpacingInPhysicalUnits"] = [f"{cfg.grid_spacing_mm:g}"]
-    po.AddParameterMap(affine)
-    po.AddParameterMap(bspline)
-    return po
-
-
 def _world_points(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
     """World coordinates (X, Y, Z, 3) of every voxel centre."""
     idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
@@ -241,7 +214,7 @@ def _deformation(atlas: Prepared, target: Prepared, cfg: RegistrationConfig) -> 
     """
     import itk
 
-    from fadal.amplify.register import body_z_range, initial_translation
+    from fadal.amplify.register import body_z_range, initial_translation, parameter_object
 
     fixed_body, atlas_body = _body(target), _body(atlas)
     fixed_img, atlas_img = _sitk(target), _sitk(atlas)
@@ -262,7 +235,7 @@ def _deformation(atlas: Prepared, target: Prepared, cfg: RegistrationConfig) -> 
     with tempfile.TemporaryDirectory(prefix="fadal_elastix_") as tmp:
         try:
             _, params = itk.elastix_registration_method(_to_itk(target.image.numpy(), target.affine), moving,
-                                                        parameter_object=_elastix_parameters(cfg), log_to_console=False,
+                                                        parameter_object=parameter_object(cfg, default_pixel_value=0.0), log_to_console=False,
                                                         output_directory=tmp, **masks)
         except RuntimeError as err:
             raise FadalInputError(f"synthesis: registration of atlas {atlas.case_id} onto {target.case_id} failed "
