@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 import torch
 from flwr.app import ArrayRecord
@@ -19,14 +18,6 @@ from fadal.model.net import build_network
 
 TINY = TrainConfig(channels=(4, 8), seed=2)
 PRE = PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0))
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 def _batch(seed=0):

@@ -27,14 +27,6 @@ TINY = TrainConfig(channels=(4, 8), seed=4)
 PRE = PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0))
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 def exact_gaussian_epsilon(sigma: float, releases: int, delta: float) -> float:
     """Tight epsilon of ``releases`` Gaussian releases (sensitivity 1, noise sigma): they compose to
     mu-GDP with mu = sqrt(releases)/sigma, whose privacy profile is exact (Balle & Wang 2018;
