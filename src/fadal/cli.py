@@ -121,10 +121,21 @@ def federate(
     try:
         cfg = load_yaml(FederationConfig, config)
         history = run(cfg)
+        _print_history(history["rounds"])
+        _federation_report(cfg, history, evaluate_sites=True)
     except FadalInputError as err:
         _fail(err)
-    _print_history(history["rounds"])
     console.print(f"global model: {cfg.out / 'global_model.pt'}; checkpoints in {cfg.out / 'checkpoints'}")
+
+
+def _federation_report(cfg, history: dict, evaluate_sites: bool) -> None:
+    from fadal.pipeline import federation_report
+
+    paths = federation_report(cfg, history, evaluate_sites=evaluate_sites)
+    if paths is None:
+        console.print("no report: no site has held-out cases (imagesTs/ + labelsTs/) and evaluate_every is 0")
+    else:
+        console.print(f"report: {paths['html']}")
 
 
 def _print_history(rounds: list[dict]) -> None:
@@ -311,6 +322,7 @@ def _federate_deployment(config: Path, server: Optional[str], certs: Optional[Pa
     history = load_json(Path(cfg.out) / "history.json")
     if history:
         _print_history(history["rounds"])
+        _federation_report(cfg, history, evaluate_sites=False)  # the coordinator holds no images
     console.print(f"global model: {cfg.out / 'global_model.pt'}; checkpoints in {cfg.out / 'checkpoints'}")
 
 

@@ -132,7 +132,8 @@ def _amplification_row(summary: dict) -> dict:
     """A site's amplification summary -> the report's amplification row.
 
     Mean confidence per organ is over accepted scans only (what training uses); ``rejections`` lists
-    ``"case: reason; reason"`` strings (the report's table ignores keys it does not know).
+    ``"case: reason; reason"`` strings and ``demoted`` the organs QC set to unknown per accepted case
+(the report lists both under its amplification table).
     """
     per_case = summary.get("per_case", {})
     organs = summary.get("mean_confidence")
@@ -154,4 +155,7 @@ def _amplification_row(summary: dict) -> dict:
         "mean_confidence": organs,
         "seconds": summary.get("total_seconds", 0.0),
         "rejections": [f"{r['case']}: {'; '.join(r.get('reasons', []))}" for r in rejected],
+        "demoted": [f"{case}: {'; '.join(info.get('reasons') or map(str, info['organs_demoted']))}"
+                    for case, info in per_case.items()
+                    if info.get("organs_demoted") and info.get("status", "accepted") == "accepted"],
     }

@@ -68,6 +68,51 @@ def federate(cfg: FederationConfig) -> dict:
     return simulate(cfg)
 
 
+def federation_report(cfg: FederationConfig, history: dict, evaluate_sites: bool = True) -> dict[str, Path] | None:
+    """The report of a finished federation, in ``cfg.out`` (report.html/.md, metrics.json).
+
+    ``evaluate_sites`` (simulation: every site's folder is on this machine) scores the global model on
+    each site's held-out cases, per organ and per site; under FedBN with the site's own normalisation
+    layers. Otherwise (deployment: the coordinator holds no data) the metrics are the federated
+    evaluation of the last round: organ Dice averaged over the sites, all that reaches the server.
+    None when there is nothing to score (no held-out cases, ``evaluate_every=0``)."""
+    import copy
+
+    from fadal.evaluate.evaluate import evaluate_model_on_cases
+    from fadal.evaluate.report import write_report
+
+    out = Path(cfg.out)
+    name = f"federated ({cfg.strategy})"
+    doc: dict | None = None
+    if evaluate_sites:
+        from fadal.federated.client_app import SiteRuntime, restore_local_norm
+
+        model, labels, pre, _ = load_checkpoint(out / "global_model.pt")
+        results: dict[str, dict] = {}
+        for spec in cfg.sites:
+            site = load_site(spec.data, name=spec.name)
+            if not site.test:
+                continue
+            site_model = model
+            if cfg.strategy == "fedbn":
+                site_model = copy.deepcopy(model)
+                restore_local_norm(site_model, SiteRuntime(spec.name, spec.data, None, False, out / "cache" / spec.name))
+            results[spec.name] = evaluate_model_on_cases(site_model, site, site.test, pre, pick_device(),
+                                                         out / "predictions" / spec.name)
+        if results:
+            doc = metrics_document({name: results})
+    if doc is None:
+        scored = [r for r in history.get("rounds", []) if r.get("dice")]
+        if scored:
+            last = scored[-1]
+            organs = {o: {"dice": v} for o, v in last["dice"].items()}
+            doc = {"variants": {name: {f"sites (federated evaluation, round {last['round']})": organs}}}
+    if doc is None:
+        return None
+    write_json(doc, out / "metrics.json")
+    return write_report(out, doc, history={name: history.get("rounds", [])}, title=f"FADAL federation: {out.name}")
+
+
 def evaluate_checkpoint(checkpoint: Path, sites: Sequence[Path], out: Path | None = None,
                         progress: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Score a checkpoint on each site's held-out cases (run at each site in a real federation)."""

