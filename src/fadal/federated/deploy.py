@@ -226,7 +226,8 @@ def start_superlink(certs: str | Path, port: int, database: str | Path, flwr_hom
     Registering the sites' public keys is :func:`register_supernodes`, once the port is open.
     """
     c = Path(certs).resolve()
-    cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port),
+    # Flower's own superlink, with a longer SQLite lock wait (see fadal.federated.superlink).
+    cmd = [sys.executable, "-m", "fadal.federated.superlink", "--host", host, "--port", str(port),
            "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
            "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth",
            "--database", str(Path(database).resolve()), "--disable-runtime-dependency-installation"]

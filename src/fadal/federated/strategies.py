@@ -251,6 +251,7 @@ class RecordingMixin:
             entry["train_seconds_sum"] = sum(seconds.values())
             entry["train_seconds_per_site"] = seconds
             entry["client_seconds_sum"] = sum(client.values())
+            entry["client_seconds_per_site"] = client
         if self.privacy is not None:
             entry["epsilon"] = self.privacy.record(m.metadata.src_node_id for m in ok)
             self.history["privacy"] = self.privacy.summary()

@@ -1,0 +1,154 @@
+"""Flower's overhead on a loopback deployment vs its simulation engine, same federation, same data.
+
+Three OpenKBP sites (A/B/C, official 'train' cases; views built as in ``federation.py``) train FedAvg
+for a few rounds twice: in Flower's simulation engine, then on the deployment engine over TLS on
+127.0.0.1 (a SuperLink with SuperNode authentication and three SuperNodes, each reading only its own
+folder: what `fadal server` / `fadal site` / `fadal federate --deployment` start).
+
+Overhead = what is not local work. Per round: the round's wall time (server side, from sending the
+model to the checkpoint being written) minus the ClientApp time of the sites on the critical path
+(simulation: sites run one after the other, so their sum; deployment: sites run at once, so the
+slowest). ClientApp time is measured inside the ClientApp (loading data, training, (de)serialising
+the model). What remains is Flower: messaging, process start-up (a deployment SuperNode starts a
+fresh ClientApp process per message, which imports torch and MONAI again), aggregation, checkpoints.
+The share is overhead / local training seconds (the issue's "time in Flower vs time in local training").
+
+    python benchmarks/deployment.py                  # 3 rounds, the federation benchmark's default model
+    python benchmarks/deployment.py --quick          # tiny smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from federation import DEFAULT, QUICK, ROOT, DEFAULT_DATA, Settings, build_site_views  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def federation_config(settings: Settings, views: dict[str, Path], out: Path) -> dict:
+    return {
+        "rounds": settings.rounds, "local_epochs": settings.local_epochs, "evaluate_every": 0, "strategy": "fedavg",
+        "out": str(out), "sites": [{"name": f"site_{s}", "data": str(p)} for s, p in views.items()],
+        "train": {"channels": list(settings.channels), "lr": settings.lr, "seed": settings.seed,
+                  "num_threads": settings.threads, "epochs": settings.local_epochs},
+        "preprocess": {"spacing_mm": [settings.spacing_mm] * 3, "hu_window": [-250.0, 750.0]},
+    }
+
+
+def overhead(history: dict, concurrent: bool) -> dict:
+    rounds = [r for r in history["rounds"] if "loss" in r]
+    wall = sum(r["seconds"] for r in rounds)
+    per_site = [r.get("client_seconds_per_site") or {} for r in rounds]
+    critical = sum((max(c.values()) if concurrent else sum(c.values())) if c else r.get("client_seconds_sum", 0.0)
+                   for r, c in zip(rounds, per_site))
+    train = sum((r.get("train_seconds_max", 0.0) if concurrent else r.get("train_seconds_sum", 0.0)) for r in rounds)
+    return {"rounds": len(rounds), "rounds_wall_s": round(wall, 1), "client_critical_s": round(critical, 1),
+            "train_critical_s": round(train, 1), "overhead_s": round(wall - critical, 1),
+            "overhead_share_of_training": round((wall - critical) / train, 3) if train else None,
+            "per_round_overhead_s": [round(r["seconds"] - ((max(c.values()) if concurrent else sum(c.values())) if c
+                                                           else r.get("client_seconds_sum", 0.0)), 2)
+                                     for r, c in zip(rounds, per_site)]}
+
+
+def run_simulation(cfg: dict, out: Path) -> dict:
+    from fadal.config import FederationConfig
+    from fadal.federated.simulation import simulate
+
+    t0 = time.perf_counter()
+    history = simulate(FederationConfig.model_validate({**cfg, "out": str(out)}))
+    return {"wall_s": round(time.perf_counter() - t0, 1), **overhead(history, concurrent=False)}
+
+
+def run_deployment(cfg: dict, views: dict[str, Path], out: Path) -> dict:
+    from fadal.federated import deploy
+
+    root = out.parent / "deployment_processes"
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"site_{s}" for s in views]
+    certs = deploy.make_certificates(root / "certs", names, server_host="127.0.0.1")
+    port = _free_port()
+    link_home, coord_home = root / "flwr-superlink", root / "flwr-coordinator"
+    started = []
+    try:
+        t_start = time.perf_counter()
+        link = deploy.start_superlink(certs["coordinator"], port, root / f"superlink_{port}.db", link_home,
+                                      host="127.0.0.1", log=root / "superlink.log")
+        started.append(link)
+        deploy.wait_for_port("127.0.0.1", port, link, timeout=120)
+        deploy.write_connection(link_home, f"127.0.0.1:{port}", certs["ca_cert"])
+        deploy.register_supernodes(certs["coordinator"], link_home)
+        for name, (site, data) in zip(names, views.items()):
+            started.append(deploy.start_supernode(certs["sites"][name], f"127.0.0.1:{port}", data, name, _free_port(),
+                                                  root / f"flwr-{name}", cache_dir=root / "cache" / name,
+                                                  log=root / f"{name}.log"))
+        t_up = time.perf_counter() - t_start
+        deploy.write_connection(coord_home, f"127.0.0.1:{port}", certs["ca_cert"])
+        config = root / "fl.yaml"
+        config.write_text(yaml.safe_dump({**cfg, "out": str(out)}))
+        t0 = time.perf_counter()
+        result = deploy.submit_run(deploy.write_app(coord_home / "app"), deploy.CONNECTION, config, coord_home,
+                                   timeout=7200)
+        wall = time.perf_counter() - t0
+        if not result["ok"]:
+            raise RuntimeError(f"deployment run ended {result['status']}; logs in {root}")
+    finally:
+        deploy.stop(started)
+    history = json.loads((out / "history.json").read_text())
+    return {"wall_s": round(wall, 1), "processes_start_s": round(t_up, 1), **overhead(history, concurrent=True)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--train-data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_deployment")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--train-per-site", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per site (sites train at once in deployment)")
+    args = ap.parse_args(argv)
+    settings = replace(QUICK if args.quick else DEFAULT, rounds=args.rounds, threads=args.threads,
+                       eval_per_site=1)
+    if args.train_per_site:
+        settings = replace(settings, train_per_site=args.train_per_site)
+    os.environ.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", OMP_NUM_THREADS=str(args.threads))
+    import tempfile
+
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="fadal_ray_"))
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    views = build_site_views(args.train_data.resolve(), args.train_data.resolve(), out / "sites", settings)
+    cfg = federation_config(settings, views, out / "simulation")
+    doc = {"settings": asdict(settings), "simulation": run_simulation(cfg, out / "simulation")}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    doc["deployment"] = run_deployment(cfg, views, out / "deployment")
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+
+    print(f"\nFlower overhead, FedAvg, {settings.rounds} rounds, {len(views)} OpenKBP sites x {settings.train_per_site} "
+          f"training scans, torch threads per site {settings.threads}")
+    print(f"{'engine':<12}{'wall s':>8}{'rounds s':>10}{'client s':>10}{'train s':>9}{'overhead s':>12}{'share':>8}")
+    for engine in ("simulation", "deployment"):
+        r = doc[engine]
+        print(f"{engine:<12}{r['wall_s']:8.0f}{r['rounds_wall_s']:10.1f}{r['client_critical_s']:10.1f}"
+              f"{r['train_critical_s']:9.1f}{r['overhead_s']:12.1f}{r['overhead_share_of_training']:8.2f}")
+    print(f"(client/train s: sum over sites in simulation (one at a time), slowest site in deployment (at once)); "
+          f"results in {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
