@@ -42,7 +42,26 @@ from fadal.model.net import build_network, norm_state_keys, pick_device
 from fadal.model.train import make_loader, seed_everything, site_training_items, train_epochs
 
 #: The only metric keys a site may send (checked in :func:`reply`).
-ALLOWED_METRICS = ("num-examples", "train-loss", "train-seconds", "client-seconds", "dice-mean")
+ALLOWED_METRICS = ("num-examples", "train-loss", "train-seconds", "client-seconds", "startup-seconds", "dice-mean")
+
+_first_message = True
+
+
+def startup_seconds() -> float:
+    """Seconds from this process's start to its first message, else 0.
+
+    A deployment SuperNode starts a fresh ClientApp process for every message, which imports Python,
+    torch and MONAI again before any work: this is that cost, reported so that benchmarks can tell it
+    apart from Flower's messaging. Linux (/proc); 0 elsewhere."""
+    global _first_message
+    if not _first_message:
+        return 0.0
+    _first_message = False
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return max(float(Path("/proc/uptime").read_text().split()[0]) - started, 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 @dataclass
@@ -250,7 +269,8 @@ def local_train(msg: Message, runtime: SiteRuntime) -> Message:
     if opts.transfer_dtype == "float16":
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
     return reply(msg, {"num-examples": len(items), "train-loss": result.loss, "train-seconds": result.seconds,
-                       "client-seconds": time.perf_counter() - start}, state=state)
+                       "client-seconds": time.perf_counter() - start, "startup-seconds": startup_seconds()},
+                 state=state)
 
 
 def local_evaluate(msg: Message, runtime: SiteRuntime) -> Message:

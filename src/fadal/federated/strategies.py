@@ -252,6 +252,8 @@ class RecordingMixin:
             entry["train_seconds_per_site"] = seconds
             entry["client_seconds_sum"] = sum(client.values())
             entry["client_seconds_per_site"] = client
+            entry["startup_seconds_per_site"] = {str(m.metadata.src_node_id): float(
+                m.content["metrics"].get("startup-seconds", 0.0)) for m in ok}
         if self.privacy is not None:
             entry["epsilon"] = self.privacy.record(m.metadata.src_node_id for m in ok)
             self.history["privacy"] = self.privacy.summary()
