@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--train-per-site", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per site (sites train at once in deployment)")
+    ap.add_argument("--engines", default="simulation,deployment", help="which engines to run (comma-separated)")
     args = ap.parse_args(argv)
     settings = replace(QUICK if args.quick else DEFAULT, rounds=args.rounds, threads=args.threads,
                        eval_per_site=1)
@@ -138,16 +139,20 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     views = build_site_views(args.train_data.resolve(), args.train_data.resolve(), out / "sites", settings)
     cfg = federation_config(settings, views, out / "simulation")
-    doc = {"settings": asdict(settings), "simulation": run_simulation(cfg, out / "simulation")}
-    (out / "results.json").write_text(json.dumps(doc, indent=1))
-    doc["deployment"] = run_deployment(cfg, views, out / "deployment")
-    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    results = out / "results.json"
+    doc = json.loads(results.read_text()) if results.exists() else {}  # keep the other engine's last result
+    doc["settings"] = asdict(settings)
+    for engine in engines:
+        doc[engine] = (run_simulation(cfg, out / "simulation") if engine == "simulation"
+                       else run_deployment(cfg, views, out / "deployment"))
+        results.write_text(json.dumps(doc, indent=1))
 
     print(f"\nFlower overhead, FedAvg, {settings.rounds} rounds, {len(views)} OpenKBP sites x {settings.train_per_site} "
           f"training scans, torch threads per site {settings.threads}")
     print(f"{'engine':<12}{'wall s':>8}{'rounds s':>10}{'client s':>10}{'train s':>9}{'overhead s':>12}{'share':>8}"
           f"{'app start s':>13}{'share w/o':>11}")
-    for engine in ("simulation", "deployment"):
+    for engine in [e for e in ("simulation", "deployment") if e in doc]:
         r = doc[engine]
         print(f"{engine:<12}{r['wall_s']:8.0f}{r['rounds_wall_s']:10.1f}{r['client_critical_s']:10.1f}"
               f"{r['train_critical_s']:9.1f}{r['overhead_s']:12.1f}{r['overhead_share_of_training']:8.2f}"

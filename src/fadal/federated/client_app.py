@@ -237,6 +237,7 @@ def reply(msg: Message, metrics: dict[str, float | int], model: torch.nn.Module 
 
 def local_train(msg: Message, runtime: SiteRuntime) -> Message:
     start = time.perf_counter()
+    startup = startup_seconds()  # before any work: the process's start-up, not its training
     train_cfg, pre, labels, epochs = _configs(msg)
     opts = _options(msg)
     seed_everything(train_cfg.seed + opts.server_round, train_cfg.num_threads)
@@ -269,7 +270,7 @@ def local_train(msg: Message, runtime: SiteRuntime) -> Message:
     if opts.transfer_dtype == "float16":
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
     return reply(msg, {"num-examples": len(items), "train-loss": result.loss, "train-seconds": result.seconds,
-                       "client-seconds": time.perf_counter() - start, "startup-seconds": startup_seconds()},
+                       "client-seconds": time.perf_counter() - start, "startup-seconds": startup},
                  state=state)
 
 
