@@ -97,3 +97,45 @@ def test_secagg_config_rejects_what_it_cannot_do(tmp_path, change, message):
     FederationConfig(sites=sites, secure_aggregation=False, **change)  # fine without it
     with pytest.raises(ValidationError, match="at least 2 sites"):
         FederationConfig(sites=sites[:1], secure_aggregation=True)
+
+
+def _legacy_train_message(cfg: FederationConfig, labels: dict[str, int], initial: dict, clip: float) -> Message:
+    """A SecAgg+ collect-masked-vectors train message as the site's handler gets it (legacy FitIns)."""
+    from flwr.app import ConfigRecord
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+    from flwr.compat.common import recorddict_compat as compat
+
+    config = {**dict(train_config_record(cfg, labels)), "server-round": 1, "secagg-clipping-range": clip,
+              "secagg-max-weight": 100.0}
+    params = ndarrays_to_parameters([v.numpy() for v in initial.values()])
+    content = compat.fitins_to_recorddict(FitIns(params, config), keep_input=True)
+    content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({})
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def test_secure_train_replies_fitres_and_refuses_clipping(tmp_path):
+    """The site's legacy reply: only the trained arrays (unnamed, in state-dict order), the example
+    count and allow-listed metrics; and no reply at all if a value would be clipped unseen."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fadal.data.io import FadalInputError
+    from fadal.federated.client_app import ALLOWED_METRICS
+    from fadal.federated.secure_aggregation import is_secure_train, secure_train
+
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, n_labeled=(2, 2))
+    labels = federation_labels(cfg)
+    seed_everything(cfg.train.seed)
+    initial = build_network(max(labels.values()) + 1, cfg.train).state_dict()
+    runtime = SiteRuntime("site_0", cfg.sites[0].data, None, False, tmp_path / "cache")
+    msg = _legacy_train_message(cfg, labels, initial, clip=8.0)
+    assert is_secure_train(msg)
+    fitres = compat.recorddict_to_fitres(secure_train(msg, runtime).content, keep_input=True)
+    assert fitres.num_examples == 2 and set(fitres.metrics) <= set(ALLOWED_METRICS)
+    arrays = parameters_to_ndarrays(fitres.parameters)
+    assert [a.shape for a in arrays] == [tuple(v.shape) for v in initial.values()]
+    assert any(not np.allclose(a, v.numpy()) for a, v in zip(arrays, initial.values()))  # it trained
+    with pytest.raises(FadalInputError, match="secagg_clipping_range"):
+        secure_train(_legacy_train_message(cfg, labels, initial, clip=1e-3), runtime)

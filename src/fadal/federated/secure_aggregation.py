@@ -255,6 +255,8 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
                 entry["epsilon"] = evaluator.privacy.record(strategy.last_sites)
                 history["privacy"] = evaluator.privacy.summary()
             model.load_state_dict(_to_state(legacy.state.array_records[MAIN_PARAMS_RECORD], reference))
+            # The unmasked mean comes back as float64: the next round sends the network's own dtypes.
+            legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(model.state_dict())
             evaluate_round(evaluator, grid, rnd, ArrayRecord(model.state_dict()), record, cfg.round_timeout)
             entry["seconds"] = time.perf_counter() - t0
             save_round(model, cfg, labels, history, rnd, evaluator)
