@@ -227,6 +227,28 @@ class FederationConfig(_Strict):
                          "history.json), continue from round r+1 with its weights and history instead of starting over.")
     round_timeout: float = Field(3600.0, gt=0, description="Seconds a round waits for the sites' replies; a site that "
                                  "has not answered by then counts as failed for that round.")
+    secure_aggregation: bool = Field(
+        False, description="Flower SecAgg+: each site masks its (example-weighted, quantised) model with pairwise and "
+        "private masks, so the coordinator only ever sees masked vectors and their weighted mean. Use when the "
+        "coordinator must not see any single site's model. Works with 'fedavg'/'fedprox' (optionally with dp_clip "
+        "and 'condist'); not with 'fedadam'/'fedyogi'/'fedbn' or transfer_dtype float16.")
+    secagg_num_shares: int = Field(
+        0, ge=0, description="SecAgg+: sites that hold a share of each site's secrets (its neighbours, itself "
+        "included); 0 = every sampled site (plain SecAgg, fine for a few hospitals). Fewer (>= 3, odd) cuts the "
+        "key-sharing cost in large federations.")
+    secagg_reconstruction_threshold: int = Field(
+        0, ge=0, description="SecAgg+: shares needed to rebuild a site's mask; 0 = two thirds of the shares (at "
+        "least 2). Higher = more sites must collude to unmask one site; lower = more dropped sites are tolerated.")
+    secagg_clipping_range: float = Field(
+        8.0, gt=0, description="SecAgg+: every model value must lie in [-r, r] to be quantised (a site refuses to "
+        "send, with an error, if not). Smaller r = finer quantisation.")
+    secagg_max_weight: float = Field(
+        100.0, gt=0, description="SecAgg+: the largest num-examples (training volumes) a site may report; each site "
+        "scales its model by num-examples / max_weight before quantising, so keep it near the real maximum: the "
+        "aggregate's quantisation error grows with max_weight / num-examples.")
+    secagg_quantization_bits: int = Field(
+        24, ge=8, le=30, description="SecAgg+: values are quantised to 2**bits levels over [-r, r]; the masked sum "
+        "lives modulo 2**32, so sites x 2**bits must stay below 2**32.")
 
     @model_validator(mode="after")
     def _fedbn_needs_local_norm_parameters(self) -> "FederationConfig":
@@ -234,6 +256,29 @@ class FederationConfig(_Strict):
         # has none, so 'fedbn' switches to affine instance norm (documented on `strategy`).
         if self.strategy == "fedbn" and self.train.norm == "instance":
             self.train = self.train.model_copy(update={"norm": "instance-affine"})
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> "FederationConfig":
+        if not self.secure_aggregation:
+            return self
+        if self.strategy not in ("fedavg", "fedprox"):
+            raise ValueError(f"secure_aggregation supports strategy 'fedavg' or 'fedprox', not {self.strategy!r} "
+                             "(SecAgg+ hands the server only the weighted mean of full models)")
+        if self.transfer_dtype != "float32":
+            raise ValueError("secure_aggregation sends quantised integers: transfer_dtype must stay 'float32'")
+        if len(self.sites) < 2:
+            raise ValueError("secure_aggregation needs at least 2 sites (a mean of one site is that site's model)")
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if shares and not 3 <= shares <= len(self.sites):
+            raise ValueError(f"secagg_num_shares must be 0 (all sites) or between 3 and the {len(self.sites)} sites, "
+                             f"not {shares}")
+        if threshold == 1 or threshold > (shares or len(self.sites)) or (shares and threshold >= shares):
+            raise ValueError(f"secagg_reconstruction_threshold {threshold} must be 0 (default) or >= 2 and below "
+                             f"secagg_num_shares ({shares or 'all'} of {len(self.sites)} sites)")
+        if len(self.sites) * 2 ** self.secagg_quantization_bits >= 2 ** 32:
+            raise ValueError(f"secagg_quantization_bits {self.secagg_quantization_bits} overflows the masked sum of "
+                             f"{len(self.sites)} sites (sites x 2**bits must stay below 2**32)")
         return self
 
 

@@ -292,8 +292,13 @@ def local_evaluate(msg: Message, runtime: SiteRuntime) -> Message:
 
 
 def build_client_app(sites: list[SiteRuntime] | None = None) -> ClientApp:
-    """``sites`` given: simulation (``partition-id`` picks one); ``None``: deployment (``node_config``)."""
-    app = ClientApp()
+    """``sites`` given: simulation (``partition-id`` picks one); ``None``: deployment (``node_config``).
+
+    Serves plain and SecAgg+ federations alike: SecAgg+ train messages go through Flower's
+    ``secaggplus_mod`` and :func:`fadal.federated.secure_aggregation.secure_train`."""
+    from fadal.federated.secure_aggregation import is_secure_train, secagg_when_asked, secure_train
+
+    app = ClientApp(mods=[secagg_when_asked])
 
     def runtime_for(context: Context) -> SiteRuntime:
         if sites is None:
@@ -302,6 +307,8 @@ def build_client_app(sites: list[SiteRuntime] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if is_secure_train(msg):
+            return secure_train(msg, runtime_for(context))
         return local_train(msg, runtime_for(context))
 
     @app.evaluate()

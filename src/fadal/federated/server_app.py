@@ -145,20 +145,30 @@ def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], nu
         entry["sampled"] = len(messages)
         entry["failures"] = len(messages) - len(answered)  # errors and sites that never answered
 
-        evaluate = list(strategy.configure_evaluate(rnd, arrays, record, grid))
-        if evaluate:
-            strategy.aggregate_evaluate(rnd, grid.send_and_receive(evaluate, timeout=cfg.round_timeout))
-
+        evaluate_round(strategy, grid, rnd, arrays, record, cfg.round_timeout)
         model.load_state_dict(arrays.to_torch_state_dict())
         entry["seconds"] = time.perf_counter() - t0
-        save_checkpoint(model, out / "checkpoints" / f"round_{rnd:03d}.pt", labels, cfg.train, cfg.preprocess,
-                        {"round": rnd})
-        write_json(history, out / "history.json")
-        _save_strategy_state(strategy, out / "checkpoints" / "server_state.pt", rnd)
-        # Written last: the round a restarted server continues from.
-        save_checkpoint(model, out / "global_model.pt", labels, cfg.train, cfg.preprocess, {"round": rnd})
+        save_round(model, cfg, labels, history, rnd, strategy)
     write_json(history, out / "history.json")
     return history
+
+
+def evaluate_round(strategy, grid: Grid, rnd: int, arrays: ArrayRecord, record: ConfigRecord, timeout: float) -> None:
+    """Federated evaluation of the global model when ``strategy`` says it is due (Dice into the history)."""
+    evaluate = list(strategy.configure_evaluate(rnd, arrays, record, grid))
+    if evaluate:
+        strategy.aggregate_evaluate(rnd, grid.send_and_receive(evaluate, timeout=timeout))
+
+
+def save_round(model: torch.nn.Module, cfg: FederationConfig, labels: dict[str, int], history: dict, rnd: int,
+               strategy) -> None:
+    """Round checkpoint, history and server state; ``global_model.pt`` last (the round a restart continues from)."""
+    out = Path(cfg.out)
+    save_checkpoint(model, out / "checkpoints" / f"round_{rnd:03d}.pt", labels, cfg.train, cfg.preprocess,
+                    {"round": rnd})
+    write_json(history, out / "history.json")
+    _save_strategy_state(strategy, out / "checkpoints" / "server_state.pt", rnd)
+    save_checkpoint(model, out / "global_model.pt", labels, cfg.train, cfg.preprocess, {"round": rnd})
 
 
 def build_server_app(cfg: FederationConfig, labels: dict[str, int], num_sites: int) -> ServerApp:
@@ -166,9 +176,18 @@ def build_server_app(cfg: FederationConfig, labels: dict[str, int], num_sites: i
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, labels, num_sites)
+        _run(grid, context, cfg, labels, num_sites)
 
     return app
+
+
+def _run(grid: Grid, context: Context, cfg: FederationConfig, labels: dict[str, int], num_sites: int) -> dict:
+    """The plain Message-API loop, or the SecAgg+ one when ``cfg.secure_aggregation``."""
+    if cfg.secure_aggregation:
+        from fadal.federated.secure_aggregation import run_secure_federation
+
+        return run_secure_federation(grid, context, cfg, labels, num_sites)
+    return run_federation(grid, cfg, labels, num_sites)
 
 
 def _deployment_main(grid: Grid, context: Context) -> None:
@@ -177,7 +196,7 @@ def _deployment_main(grid: Grid, context: Context) -> None:
 
     cfg = load_yaml(FederationConfig, str(context.run_config["fadal-config"]))
     labels = json.loads(str(context.run_config["labels"]))
-    run_federation(grid, cfg, labels, len(cfg.sites))
+    _run(grid, context, cfg, labels, len(cfg.sites))
 
 
 app = ServerApp()
