@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pairs", type=int, default=4, help="held-out (atlas, target) pairs")
     ap.add_argument("--steps", type=int, default=200, help="training steps of the learned model")
     ap.add_argument("--spacing", type=float, default=6.0, help="network grid spacing (mm)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of the learned model")
+    ap.add_argument("--smooth-weight", type=float, default=1.0, help="diffusion penalty weight of the learned model")
     ap.add_argument("--threads", type=int, default=1, help="ITK and torch threads (both methods)")
     ap.add_argument("--quick", action="store_true", help="6 training scans, 60 steps, 2 pairs (a smoke run)")
     args = ap.parse_args(argv)
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     elastix_cfg = RegistrationConfig(workers=1)
     learned_cfg = RegistrationConfig(workers=1, method="learned", learned=LearnedRegistrationConfig(
-        steps=args.steps, spacing_mm=args.spacing, num_threads=args.threads))
+        steps=args.steps, spacing_mm=args.spacing, num_threads=args.threads, lr=args.lr,
+        smooth_weight=args.smooth_weight))
     args.out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
