@@ -10,6 +10,7 @@ Outputs (``out_dir``)::
                                 Dice; "qc" (per-organ measures and flags); "organs_fused" = the organs
                                 training may trust (fused and accepted by QC), "organs_demoted"
     registrations/              cache of warped atlas labels and scans, keyed by content (see register.py)
+    registration_model/         registration.method "learned": the site's network, keyed by its scans (learned.py)
     amplification.json          summary of the site (accepted / rejected with reasons, confidence, time)
 
 Training (``fadal.model.train.site_training_items``) uses a scan only when its label file and
@@ -256,8 +257,17 @@ def amplify_site(site_dir: Path, out_dir: Path, cfg: AmplifyConfig,
         if progress is not None:
             progress("register", done[0], len(pairs))
 
-    results = (register_many(pairs, out_dir / "registrations", cfg.registration, _on_result, errors="record")
-               if pairs else [])
+    if not pairs:
+        results = []
+    elif cfg.registration.method == "learned":
+        # Trained once on all the site's scans (labels unused), cached by their content; see learned.py.
+        from fadal.amplify import learned
+
+        model = learned.site_model([i for _, i, *_ in labeled] + [i for _, i in unlabeled],
+                                   out_dir / "registration_model", cfg.registration)
+        results = learned.register_many(model, pairs, out_dir / "registrations", cfg.registration, _on_result)
+    else:
+        results = register_many(pairs, out_dir / "registrations", cfg.registration, _on_result, errors="record")
     reference = atlas_reference([a_lab for _, _, a_lab, _ in atlases], annotated, fused_all) if todo else {}
 
     for k, (case, img) in enumerate(todo):

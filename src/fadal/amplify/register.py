@@ -165,7 +165,9 @@ def pair_key(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: Regis
             raise FadalInputError(f"{p}: file not found")
         st = p.stat()
         h.update(_file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns))
-    h.update(cfg.model_dump_json(exclude=_NOT_IN_KEY).encode())
+    # elastix keys leave out the learned-model settings: caches from before they existed stay valid.
+    exclude = _NOT_IN_KEY | ({"method", "learned"} if cfg.method == "elastix" else set())
+    h.update(cfg.model_dump_json(exclude=exclude).encode())
     h.update(RECIPE_VERSION.encode())
     return h.hexdigest()[:_KEY_CHARS]
 
@@ -543,10 +545,41 @@ def register_atlas(fixed_image: Path, atlas_image: Path, atlas_label: Path, out_
     return _register_uncached(fixed_image, atlas_image, atlas_label, out_dir, cfg, key)
 
 
-def _register_uncached(fixed_image: Path, atlas_image: Path, atlas_label: Path, out_dir: Path,
-                       cfg: RegistrationConfig, key: str) -> RegistrationResult:
-    _load_elastix()  # first use in a process loads ITK's elastix module (10-20 s): not this pair's time
-    t0 = time.perf_counter()
+@dataclass
+class PreparedPair:
+    """A pair read, checked and placed by the initial translation: what every registration method starts from.
+
+    ``origin`` is the atlas's origin moved by the initial translation ``t``; a transform that maps
+    fixed world points into the atlas *as placed at* ``origin`` is all a method has to add
+    (:func:`finish_pair` does the rest).
+    """
+
+    fixed_image: Path
+    atlas_image: Path
+    atlas_label: Path
+    fixed: sitk.Image
+    atlas: sitk.Image
+    label: sitk.Image
+    fixed_arr: np.ndarray  # shifted intensities (air = 0)
+    atlas_arr: np.ndarray
+    fixed_body: np.ndarray
+    atlas_body: np.ndarray
+    t: np.ndarray
+    origin: np.ndarray
+    metric_before: float
+    metric_init: float
+    expected: np.ndarray  # fixed voxels in the craniocaudal stretch the placed atlas covers
+    slab_range: tuple[float, float]  # atlas body's world z range
+
+    def slab(self, tz: float, margin: float = 0.0) -> np.ndarray:
+        """Fixed voxels in the craniocaudal stretch where the atlas, placed by ``tz``, has body."""
+        m0, m1 = self.slab_range
+        fz = _world_z(self.fixed)
+        return (fz >= m0 - tz - margin) & (fz <= m1 - tz + margin)
+
+
+def prepare_pair(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: RegistrationConfig) -> PreparedPair:
+    """Read and check the three files, compute body masks and the initial translation (and the NCC before and after it)."""
     fixed = _read_3d(fixed_image)
     atlas = _read_3d(atlas_image)
     label = _read_3d(atlas_label)
@@ -559,19 +592,16 @@ def _register_uncached(fixed_image: Path, atlas_image: Path, atlas_label: Path, 
     if lab_arr.min() < 0 or lab_arr.max() > 255:
         raise FadalInputError(f"{atlas_label}: label values must lie in [0, 255], got [{lab_arr.min()}, {lab_arr.max()}]")
 
-    import itk
-
     fixed_arr, atlas_arr = _shifted(fixed), _shifted(atlas)
-    axis = _axial_array_axis(fixed)
-    fixed_body = body_mask_array(fixed_arr + _AIR_HU, axis)
+    fixed_body = body_mask_array(fixed_arr + _AIR_HU, _axial_array_axis(fixed))
     atlas_body = body_mask_array(atlas_arr + _AIR_HU, _axial_array_axis(atlas))
 
     # Craniocaudal slab of the fixed scan where the atlas has body, for a placement tz of the atlas.
     fz = _world_z(fixed)
     m0, m1 = body_z_range(atlas_body, atlas) if atlas_body.any() else (-np.inf, np.inf)
 
-    def slab(tz: float, margin: float = 0.0) -> np.ndarray:
-        return (fz >= m0 - tz - margin) & (fz <= m1 - tz + margin)
+    def slab(tz: float) -> np.ndarray:
+        return (fz >= m0 - tz) & (fz <= m1 - tz)
 
     def ncc_in_fixed_body(atlas_origin, tz: float) -> float:
         moved = sitk.Resample(_like(atlas_arr, atlas, atlas_origin), fixed, sitk.Transform(), sitk.sitkLinear,
@@ -582,19 +612,80 @@ def _register_uncached(fixed_image: Path, atlas_image: Path, atlas_label: Path, 
     metric_before = ncc_in_fixed_body(atlas.GetOrigin(), 0.0)
     t = initial_translation(fixed, atlas, fixed_arr, atlas_arr, fixed_body, atlas_body, cfg)
     origin = np.asarray(atlas.GetOrigin()) - t  # the atlas, moved by -t in world: x now shows old x + t
-    metric_init = ncc_in_fixed_body(origin, t[2])
-    expected = slab(t[2])
+    return PreparedPair(
+        fixed_image=fixed_image, atlas_image=atlas_image, atlas_label=atlas_label, fixed=fixed, atlas=atlas,
+        label=label, fixed_arr=fixed_arr, atlas_arr=atlas_arr, fixed_body=fixed_body, atlas_body=atlas_body,
+        t=t, origin=origin, metric_before=metric_before, metric_init=ncc_in_fixed_body(origin, t[2]),
+        expected=slab(t[2]), slab_range=(m0, m1),
+    )
+
+
+def finish_pair(pair: PreparedPair, transform: sitk.Transform, out_dir: Path, cfg: RegistrationConfig, key: str,
+                t0: float, recipe: str = RECIPE_VERSION, extra: dict | None = None) -> RegistrationResult:
+    """Warp the atlas scan and label with ``transform`` (fixed world -> atlas placed at ``pair.origin``),
+    measure the quality (module docstring), write the files atomically (json last) and return the result.
+    ``t0``: when the pair's work began (``time.perf_counter()``); ``extra`` goes into the stored json."""
+    fixed, atlas, label = pair.fixed, pair.atlas, pair.label
+    warped_arr = sitk.GetArrayFromImage(sitk.Resample(_like(pair.atlas_arr, atlas, pair.origin), fixed, transform,
+                                                      sitk.sitkLinear, _OUTSIDE, sitk.sitkFloat32))
+    covered = warped_arr >= 0
+    warped_arr[~covered] = 0.0
+    warped_body = body_mask_array(warped_arr + _AIR_HU, _axial_array_axis(fixed)) & covered
+    # Quality inside the craniocaudal slab the warped atlas covers with body (see module docstring).
+    fz = _world_z(fixed)
+    if warped_body.any():
+        w0, w1 = body_z_range(warped_body, fixed)
+        view = covered & (fz >= w0) & (fz <= w1)
+    else:
+        view = np.zeros_like(covered)
+    in_view = pair.fixed_body & view
+    metric_after = _ncc(pair.fixed_arr, warped_arr, in_view)
+    body_dice = _dice(in_view, warped_body & view) if in_view.any() else 0.0
+    # Fraction of the fixed body the atlas was expected to cover (placed by the initial translation)
+    # that it still covers: low when the registration squeezed or slid the atlas away.
+    expected = pair.expected
+    overlap = float((in_view & expected).sum() / max((pair.fixed_body & expected).sum(), 1))
+
+    warped = sitk.Resample(_like(sitk.GetArrayFromImage(label).astype(np.uint8), label, pair.origin), fixed,
+                           transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    seconds = time.perf_counter() - t0
+
+    nii = write_image(warped, out_dir / f"{key}.nii.gz")
+    img = write_image(_like(warped_arr + np.float32(_AIR_HU), fixed), out_dir / f"{key}_image.nii.gz")
+    res = RegistrationResult(
+        fixed=pair.fixed_image, moving=pair.atlas_image, warped_label=nii, metric_before=pair.metric_before,
+        metric_after=metric_after, seconds=round(seconds, 3), cached=False, atlas_label=pair.atlas_label, key=key,
+        warped_image=img, metric_init=pair.metric_init, body_dice=body_dice, overlap=overlap,
+        init_translation_mm=tuple(float(v) for v in pair.t),
+    )
+    stored = res.to_json()
+    stored["config"] = cfg.model_dump(mode="json")
+    stored["recipe"] = recipe
+    stored.update(extra or {})
+    write_json(stored, out_dir / f"{key}.json")
+    return res
+
+
+def _register_uncached(fixed_image: Path, atlas_image: Path, atlas_label: Path, out_dir: Path,
+                       cfg: RegistrationConfig, key: str) -> RegistrationResult:
+    _load_elastix()  # first use in a process loads ITK's elastix module (10-20 s): not this pair's time
+    t0 = time.perf_counter()
+    pair = prepare_pair(fixed_image, atlas_image, atlas_label, cfg)
+    fixed, atlas, origin, t = pair.fixed, pair.atlas, pair.origin, pair.t
+
+    import itk
 
     masks = {}
     if cfg.use_body_masks:
         # Fixed samples only where the atlas has body too: elsewhere they could only match air or padding.
-        fixed_mask = _grow(fixed_body, fixed, cfg.mask_margin_mm) & slab(t[2], cfg.mask_margin_mm)
+        fixed_mask = _grow(pair.fixed_body, fixed, cfg.mask_margin_mm) & pair.slab(t[2], cfg.mask_margin_mm)
         masks = {"fixed_mask": _to_itk(fixed_mask.astype(np.uint8), fixed),
-                 "moving_mask": _to_itk(_grow(atlas_body, atlas, cfg.mask_margin_mm).astype(np.uint8), atlas, origin)}
+                 "moving_mask": _to_itk(_grow(pair.atlas_body, atlas, cfg.mask_margin_mm).astype(np.uint8), atlas,
+                                        origin)}
     with tempfile.TemporaryDirectory(prefix="fadal_elastix_") as log_dir:
         try:
             _, transform_parameters = itk.elastix_registration_method(
-                _to_itk(fixed_arr, fixed), _to_itk(atlas_arr, atlas, origin),
+                _to_itk(pair.fixed_arr, fixed), _to_itk(pair.atlas_arr, atlas, origin),
                 parameter_object=parameter_object(cfg), log_to_console=False, log_to_file=True,
                 output_directory=log_dir, **masks,
             )
@@ -604,41 +695,7 @@ def _register_uncached(fixed_image: Path, atlas_image: Path, atlas_label: Path, 
                 f"({_elastix_error(Path(log_dir), err)}); do the two scans overlap and show the same body region?"
             ) from err
     transform = _displacement(transform_parameters, fixed, cfg.grid_spacing_mm)
-    warped_arr = sitk.GetArrayFromImage(sitk.Resample(_like(atlas_arr, atlas, origin), fixed, transform,
-                                                      sitk.sitkLinear, _OUTSIDE, sitk.sitkFloat32))
-    covered = warped_arr >= 0
-    warped_arr[~covered] = 0.0
-    warped_body = body_mask_array(warped_arr + _AIR_HU, axis) & covered
-    # Quality inside the craniocaudal slab the warped atlas covers with body (see module docstring).
-    if warped_body.any():
-        w0, w1 = body_z_range(warped_body, fixed)
-        view = covered & (fz >= w0) & (fz <= w1)
-    else:
-        view = np.zeros_like(covered)
-    in_view = fixed_body & view
-    metric_after = _ncc(fixed_arr, warped_arr, in_view)
-    body_dice = _dice(in_view, warped_body & view) if in_view.any() else 0.0
-    # Fraction of the fixed body the atlas was expected to cover (placed by the initial translation)
-    # that it still covers: low when the registration squeezed or slid the atlas away.
-    overlap = float((in_view & expected).sum() / max((fixed_body & expected).sum(), 1))
-
-    warped = sitk.Resample(_like(sitk.GetArrayFromImage(label).astype(np.uint8), label, origin), fixed, transform,
-                           sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    seconds = time.perf_counter() - t0
-
-    nii = write_image(warped, out_dir / f"{key}.nii.gz")
-    img = write_image(_like(warped_arr + np.float32(_AIR_HU), fixed), out_dir / f"{key}_image.nii.gz")
-    res = RegistrationResult(
-        fixed=fixed_image, moving=atlas_image, warped_label=nii, metric_before=metric_before,
-        metric_after=metric_after, seconds=round(seconds, 3), cached=False, atlas_label=atlas_label, key=key,
-        warped_image=img, metric_init=metric_init, body_dice=body_dice, overlap=overlap,
-        init_translation_mm=tuple(float(v) for v in t),
-    )
-    stored = res.to_json()
-    stored["config"] = cfg.model_dump(mode="json")
-    stored["recipe"] = RECIPE_VERSION
-    write_json(stored, out_dir / f"{key}.json")
-    return res
+    return finish_pair(pair, transform, out_dir, cfg, key, t0)
 
 
 def _init_worker() -> None:
