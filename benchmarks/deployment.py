@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
     doc = json.loads(results.read_text()) if results.exists() else {}  # keep the other engine's last result
     doc["settings"] = asdict(settings)
     for engine in engines:
+        shutil.rmtree(out / engine, ignore_errors=True)  # a finished run there would just be resumed
         doc[engine] = (run_simulation(cfg, out / "simulation") if engine == "simulation"
                        else run_deployment(cfg, views, out / "deployment"))
         results.write_text(json.dumps(doc, indent=1))
