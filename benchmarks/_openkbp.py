@@ -1,4 +1,5 @@
-"""OpenKBP helpers shared by the benchmarks: case lists per site and split, and per-site nnU-Net views.
+"""OpenKBP helpers shared by the benchmarks: case lists per site and split, per-site nnU-Net views, and
+command-line overrides of a benchmark's settings.
 
 A view is a site folder made of symlinks into the one OpenKBP folder (nothing is copied):
 ``imagesTr`` holds the training scans, ``labelsTr`` only the labels a site is allowed to use (a scan
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -56,3 +58,15 @@ def write_view(root: Path, train_data: Path, eval_data: Path, labeled: Sequence[
     (root / "dataset.json").symlink_to((train_data / "dataset.json").resolve())
     (root / "cases.json").write_text(json.dumps(cases, indent=1))
     return root
+
+
+def with_overrides(settings, args, scalars: Sequence[str] = (), lists: dict[str, type] | None = None):
+    """``settings`` (a dataclass) with the options the user gave: ``scalars`` as they are, ``lists``
+    from comma-separated text, each item converted with its type (e.g. ``{"ks": int}``)."""
+    for key in scalars:
+        if getattr(args, key) is not None:
+            settings = replace(settings, **{key: getattr(args, key)})
+    for key, conv in (lists or {}).items():
+        if getattr(args, key):
+            settings = replace(settings, **{key: tuple(conv(v.strip()) for v in getattr(args, key).split(",") if v.strip())})
+    return settings

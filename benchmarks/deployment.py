@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from federation import DEFAULT, QUICK, ROOT, DEFAULT_DATA, Settings, build_site_views  # noqa: E402
+from federation import DEFAULT, DEFAULT_DATA, QUICK, ROOT, build_site_views, federation_config  # noqa: E402
 
 
 def _free_port() -> int:
@@ -41,46 +41,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def federation_config(settings: Settings, views: dict[str, Path], out: Path) -> dict:
-    return {
-        "rounds": settings.rounds, "local_epochs": settings.local_epochs, "evaluate_every": 0, "strategy": "fedavg",
-        "out": str(out), "sites": [{"name": f"site_{s}", "data": str(p)} for s, p in views.items()],
-        "train": {"channels": list(settings.channels), "lr": settings.lr, "seed": settings.seed,
-                  "num_threads": settings.threads, "epochs": settings.local_epochs},
-        "preprocess": {"spacing_mm": [settings.spacing_mm] * 3, "hu_window": [-250.0, 750.0]},
-    }
+def _on_path(entry: dict, key: str, concurrent: bool) -> float:
+    """Seconds of ``key`` (per site) on the round's critical path: the slowest site when sites work at
+    once (deployment), all of them when they take turns (simulation)."""
+    per_site = list((entry.get(key) or {}).values())
+    return max(per_site, default=0.0) if concurrent else sum(per_site)
 
 
 def overhead(history: dict, concurrent: bool) -> dict:
     rounds = [r for r in history["rounds"] if "loss" in r]
     wall = sum(r["seconds"] for r in rounds)
-    per_site = [r.get("client_seconds_per_site") or {} for r in rounds]
-    critical = sum((max(c.values()) if concurrent else sum(c.values())) if c else r.get("client_seconds_sum", 0.0)
-                   for r, c in zip(rounds, per_site))
-    train = sum((r.get("train_seconds_max", 0.0) if concurrent else r.get("train_seconds_sum", 0.0)) for r in rounds)
-    startup = [r.get("startup_seconds_per_site") or {} for r in rounds]
+    per_round = [r["seconds"] - _on_path(r, "client_seconds_per_site", concurrent) for r in rounds]
+    critical = wall - sum(per_round)
+    train = sum(_on_path(r, "train_seconds_per_site", concurrent) for r in rounds)
     # ClientApp process start-up (Python + torch + MONAI imports) on the critical path.
-    start_s = sum((max(c.values()) if concurrent else sum(c.values())) if c else 0.0 for c in startup)
+    start_s = sum(_on_path(r, "startup_seconds_per_site", concurrent) for r in rounds)
     return {"rounds": len(rounds), "rounds_wall_s": round(wall, 1), "client_critical_s": round(critical, 1),
             "train_critical_s": round(train, 1), "overhead_s": round(wall - critical, 1),
             "overhead_share_of_training": round((wall - critical) / train, 3) if train else None,
             "clientapp_startup_s": round(start_s, 1),
             "overhead_without_startup_share": round((wall - critical - start_s) / train, 3) if train else None,
-            "per_round_overhead_s": [round(r["seconds"] - ((max(c.values()) if concurrent else sum(c.values())) if c
-                                                           else r.get("client_seconds_sum", 0.0)), 2)
-                                     for r, c in zip(rounds, per_site)]}
+            "per_round_overhead_s": [round(x, 2) for x in per_round]}
 
 
-def run_simulation(cfg: dict, out: Path) -> dict:
-    from fadal.config import FederationConfig
+def run_simulation(cfg, out: Path) -> dict:
     from fadal.federated.simulation import simulate
 
     t0 = time.perf_counter()
-    history = simulate(FederationConfig.model_validate({**cfg, "out": str(out)}))
+    history = simulate(cfg.model_copy(update={"out": out}))
     return {"wall_s": round(time.perf_counter() - t0, 1), **overhead(history, concurrent=False)}
 
 
-def run_deployment(cfg: dict, views: dict[str, Path], out: Path) -> dict:
+def run_deployment(cfg, views: dict[str, Path], out: Path) -> dict:
     from fadal.federated import deploy
 
     root = out.parent / "deployment_processes"
@@ -105,7 +97,7 @@ def run_deployment(cfg: dict, views: dict[str, Path], out: Path) -> dict:
         t_up = time.perf_counter() - t_start
         deploy.write_connection(coord_home, f"127.0.0.1:{port}", certs["ca_cert"])
         config = root / "fl.yaml"
-        config.write_text(yaml.safe_dump({**cfg, "out": str(out)}))
+        config.write_text(yaml.safe_dump(cfg.model_copy(update={"out": out}).model_dump(mode="json")))
         t0 = time.perf_counter()
         result = deploy.submit_run(deploy.write_app(coord_home / "app"), deploy.CONNECTION, config, coord_home,
                                    timeout=7200)
@@ -139,7 +131,7 @@ def main(argv=None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     views = build_site_views(args.train_data.resolve(), args.train_data.resolve(), out / "sites", settings)
-    cfg = federation_config(settings, views, out / "simulation")
+    cfg = federation_config(settings, views, out / "simulation", strategy="fedavg")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     results = out / "results.json"
     doc = json.loads(results.read_text()) if results.exists() else {}  # keep the other engine's last result

@@ -27,11 +27,11 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _openkbp import site_case_ids, spread, write_view  # noqa: E402  (shared with label_efficiency.py)
+from _openkbp import site_case_ids, spread, with_overrides, write_view  # noqa: E402  (shared with label_efficiency.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "openkbp"
@@ -122,10 +122,24 @@ def evaluate_sites(model, views: dict[str, Path], pre, sites=None, norm_cache: d
     return out
 
 
+def federation_config(settings: Settings, views: dict[str, Path], out: Path, **fed):
+    """The federation every federated variant runs (``fed``: strategy and partial-label options);
+    ``benchmarks/deployment.py`` runs the same one."""
+    from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
+
+    train_cfg = TrainConfig(channels=settings.channels, lr=settings.lr, epochs=settings.rounds * settings.local_epochs,
+                            seed=settings.seed, num_threads=settings.threads)
+    # Head and neck: soft tissue and the mandible's bone both inside the window.
+    pre = PreprocessConfig(spacing_mm=(settings.spacing_mm,) * 3, hu_window=(-250.0, 750.0))
+    return FederationConfig(sites=[SiteSpec(name=f"site_{s}", data=p) for s, p in views.items()],
+                            rounds=settings.rounds, local_epochs=settings.local_epochs, train=train_cfg,
+                            preprocess=pre, evaluate_every=0, out=out, proximal_mu=settings.proximal_mu,
+                            distill_weight=settings.distill_weight, **fed)
+
+
 def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=print) -> dict:
     import torch
 
-    from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
     from fadal.model.infer import load_checkpoint
     from fadal.pipeline import train_centralised
 
@@ -133,11 +147,8 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
         torch.set_num_threads(settings.threads)
     out.mkdir(parents=True, exist_ok=True)
     views = build_site_views(train_data, eval_data, out / "sites", settings)
-    train_cfg = TrainConfig(channels=settings.channels, lr=settings.lr, epochs=settings.rounds * settings.local_epochs,
-                            seed=settings.seed, num_threads=settings.threads)
-    # Head and neck: soft tissue and the mandible's bone both inside the window.
-    pre = PreprocessConfig(spacing_mm=(settings.spacing_mm,) * 3, hu_window=(-250.0, 750.0))
-    specs = [SiteSpec(name=f"site_{s}", data=p) for s, p in views.items()]
+    base = federation_config(settings, views, out)
+    train_cfg, pre, specs = base.train, base.preprocess, base.sites
     results: list[VariantResult] = []
 
     def centralised(name: str, site_specs, eval_sites):
@@ -154,9 +165,7 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
     def federated(name: str, **fed):
         from fadal.federated.simulation import simulate
 
-        cfg = FederationConfig(sites=specs, rounds=settings.rounds, local_epochs=settings.local_epochs, train=train_cfg,
-                               preprocess=pre, evaluate_every=0, out=out / name, proximal_mu=settings.proximal_mu,
-                               distill_weight=settings.distill_weight, **fed)
+        cfg = federation_config(settings, views, out / name, **fed)
         t0 = time.perf_counter()
         history = simulate(cfg)
         t_fed = time.perf_counter() - t0
@@ -251,12 +260,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (0 = all cores)")
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(DEFAULT.variants))
     args = ap.parse_args(argv)
-    settings = QUICK if args.quick else DEFAULT
-    for key in ("rounds", "train_per_site", "eval_per_site", "threads"):
-        if getattr(args, key) is not None:
-            settings = replace(settings, **{key: getattr(args, key)})
-    if args.variants:
-        settings = replace(settings, variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
+    settings = with_overrides(QUICK if args.quick else DEFAULT, args,
+                              ("rounds", "train_per_site", "eval_per_site", "threads"), {"variants": str})
     if not (args.train_data / "cases.json").exists():
         print(f"{args.train_data}: no cases.json (OpenKBP folder expected)", file=sys.stderr)
         return 2

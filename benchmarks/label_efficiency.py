@@ -38,11 +38,11 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _openkbp import site_case_ids, spread, write_view  # noqa: E402  (shared with federation.py)
+from _openkbp import site_case_ids, spread, with_overrides, write_view  # noqa: E402  (shared with federation.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "openkbp"
@@ -372,13 +372,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch/ITK threads (0 = all cores)")
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS))
     args = ap.parse_args(argv)
-    settings = QUICK if args.quick else DEFAULT
-    for key in ("steps", "unlabeled_per_site", "eval_per_site", "threads"):
-        if getattr(args, key) is not None:
-            settings = replace(settings, **{key: getattr(args, key)})
-    for key, conv in (("ks", int), ("sites", str), ("variants", str)):
-        if getattr(args, key):
-            settings = replace(settings, **{key: tuple(conv(v.strip()) for v in getattr(args, key).split(",") if v.strip())})
+    settings = with_overrides(QUICK if args.quick else DEFAULT, args, ("steps", "unlabeled_per_site", "eval_per_site", "threads"),
+                              {"ks": int, "sites": str, "variants": str})
     unknown = set(settings.variants) - set(VARIANTS)
     if unknown:
         print(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 
 from fadal.config import AmplifyConfig, FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
 from fadal.data.io import FadalInputError, write_json
-from fadal.data.site import Site, load_site
+from fadal.data.site import load_site
 from fadal.model.infer import load_checkpoint, save_checkpoint
 from fadal.model.net import build_network, pick_device
 from fadal.model.train import make_loader, seed_everything, site_training_items, train_epochs
@@ -85,20 +85,21 @@ def federation_report(cfg: FederationConfig, history: dict, evaluate_sites: bool
     name = f"federated ({cfg.strategy})"
     doc: dict | None = None
     if evaluate_sites:
-        from fadal.federated.client_app import SiteRuntime, restore_local_norm
+        from fadal.federated.client_app import restore_local_norm
+        from fadal.federated.simulation import site_runtimes
 
         model, labels, pre, _ = load_checkpoint(out / "global_model.pt")
         results: dict[str, dict] = {}
-        for spec in cfg.sites:
-            site = load_site(spec.data, name=spec.name)
+        for runtime in site_runtimes(cfg):
+            site = load_site(runtime.data, name=runtime.name)
             if not site.test:
                 continue
             site_model = model
             if cfg.strategy == "fedbn":
                 site_model = copy.deepcopy(model)
-                restore_local_norm(site_model, SiteRuntime(spec.name, spec.data, None, False, out / "cache" / spec.name))
-            results[spec.name] = evaluate_model_on_cases(site_model, site, site.test, pre, pick_device(),
-                                                         out / "predictions" / spec.name)
+                restore_local_norm(site_model, runtime)
+            results[runtime.name] = evaluate_model_on_cases(site_model, site, site.test, pre, pick_device(),
+                                                            out / "predictions" / runtime.name)
         if results:
             doc = metrics_document({name: results})
     if doc is None:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord
 
 from fadal_testing import LABELS, write_site
 from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig

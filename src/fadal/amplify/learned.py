@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import pickle
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,7 +47,7 @@ import torch
 from fadal.amplify import register as reg
 from fadal.amplify.register import RegistrationResult, pair_key
 from fadal.config import LearnedRegistrationConfig, RegistrationConfig
-from fadal.data.io import FadalInputError
+from fadal.data.io import FadalInputError, save_torch
 
 #: Bump when training or propagation changes: cached models and propagated labels then no longer match.
 LEARNED_RECIPE = "voxelmorph-v1-translation-init"
@@ -233,18 +231,9 @@ def train(scans: Sequence[Path], cfg: RegistrationConfig, log: Callable[[str], N
 
 def save_model(model: SiteModel, path: Path) -> Path:
     """Atomic checkpoint (state dict, settings, key, loss history): it never leaves the site."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"state_dict": model.net.state_dict(), "learned": model.cfg.model_dump(mode="json"),
-                    "key": model.key, "recipe": LEARNED_RECIPE, "train_seconds": model.train_seconds,
-                    "losses": model.losses}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = save_torch({"state_dict": model.net.state_dict(), "learned": model.cfg.model_dump(mode="json"),
+                       "key": model.key, "recipe": LEARNED_RECIPE, "train_seconds": model.train_seconds,
+                       "losses": model.losses}, path)
     model.path = path
     return path
 

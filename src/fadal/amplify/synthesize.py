@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fadal.config import PreprocessConfig, RegistrationConfig, SynthesisConfig
-from fadal.data.io import FadalInputError, read_image
+from fadal.data.io import FadalInputError, read_image, save_torch
 from fadal.data.preprocess import inference_transforms, to_metatensor, training_transforms
 
 #: Bump when the way transforms are learned changes: old cache entries then no longer match.
@@ -349,14 +348,10 @@ def learn_transform(atlas: Prepared, target: Prepared, cfg: SynthesisConfig, cac
     out = LearnedTransform(target.case_id, grid.half(), target.affine, appearance, round(ncc_before, 4),
                            round(ncc_after, 4), round(body_dice, 4), round(time.perf_counter() - t0, 3))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=path.parent)
-        os.close(fd)
-        torch.save({"grid": out.grid, "target_affine": out.target_affine, "appearance": out.appearance,
+        save_torch({"grid": out.grid, "target_affine": out.target_affine, "appearance": out.appearance,
                     "ncc_before": out.ncc_before, "ncc_after": out.ncc_after, "body_dice": out.body_dice,
                     "seconds": out.seconds,
-                    "atlas": atlas.case_id, "target": target.case_id, "recipe": RECIPE_VERSION}, tmp)
-        os.replace(tmp, path)
+                    "atlas": atlas.case_id, "target": target.case_id, "recipe": RECIPE_VERSION}, path)
     return out
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,31 +57,52 @@ def _check_nifti_nan(path: Path) -> None:
         raise FadalInputError(f"{path}: {n} NaN/inf voxels; fix or mask them before use")
 
 
-def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
-    """Write atomically: a crash mid-write leaves the previous file (or none), never half a file."""
+@contextmanager
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write; it replaces ``path`` only if the block
+    succeeds. Every output of FADAL goes through here: a crash mid-write leaves the previous file (or
+    none), never half a file, and a resumed run trusts whatever file it finds.
+
+    ``suffix`` (default: ``path``'s own) matters to writers that pick the format from the name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix or "".join(path.suffixes), dir=path.parent)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, compress)
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary output files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def save_torch(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through :func:`atomic_path` (checkpoints, optimiser and normalisation state)."""
+    import torch
+
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+    """Write atomically (:func:`atomic_path`); the format follows the name (default NIfTI)."""
+    with atomic_path(path, suffix="".join(Path(path).suffixes) or ".nii.gz") as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
+    return Path(path)
 
 
 def write_json(data: Any, path: str | Path) -> Path:
-    """Atomic JSON write (same reason as :func:`write_image`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=_json_default)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    return Path(path)
 
 
 def _json_default(obj: Any) -> Any:

@@ -22,7 +22,6 @@ import html
 import io
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fadal.data.io import FadalInputError
+from fadal.data.io import FadalInputError, atomic_write_bytes
 
 __all__ = ["write_report", "comparison_table", "format_value"]
 
@@ -412,18 +411,6 @@ def _plot_confidence(amplification: Mapping[str, Mapping[str, Any]]) -> bytes | 
 # --------------------------------------------------------------------------------------------- output
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be read by others.
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 _CSS = """
@@ -491,7 +478,7 @@ def write_report(
     def figure(name: str, png: bytes | None, caption: str, h: list[str], md: list[str]) -> None:
         if png is None:
             return
-        path = _atomic_write(plots_dir / f"{name}.png", png)
+        path = atomic_write_bytes(plots_dir / f"{name}.png", png)
         paths[f"plot_{name}"] = path
         b64 = base64.b64encode(png).decode("ascii")
         h.append(f'<figure><img alt="{e(caption)}" src="data:image/png;base64,{b64}">'
@@ -583,14 +570,14 @@ def write_report(
         f"<title>{e(title)}</title>\n<style>{_CSS}</style>\n{_ERROR_PROBE}</head>\n<body>\n<main>\n"
         f'<h1>{e(title)}</h1>\n<p class="meta">{meta}</p>\n<nav>{nav}</nav>\n{body}\n</main>\n</body>\n</html>\n'
     )
-    paths["html"] = _atomic_write(out_dir / "report.html", page.encode("utf-8"))
+    paths["html"] = atomic_write_bytes(out_dir / "report.html", page.encode("utf-8"))
 
     # Markdown.
     lines = [f"# {title}", "", f"Generated {stamp}. Variants: {', '.join(variants)}. "
              f"Sites: {', '.join(_sites(variants))}.", ""]
     for _, head, _, parts in sections:
         lines += [f"## {head}", "", *[p for part in parts for p in (part, "")]]
-    paths["markdown"] = _atomic_write(out_dir / "report.md", ("\n".join(lines).rstrip() + "\n").encode("utf-8"))
+    paths["markdown"] = atomic_write_bytes(out_dir / "report.md", ("\n".join(lines).rstrip() + "\n").encode("utf-8"))
     paths["plots_dir"] = plots_dir
     return paths
 

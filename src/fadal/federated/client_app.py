@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fadal.config import PreprocessConfig, TrainConfig
-from fadal.data.io import FadalInputError
+from fadal.data.io import FadalInputError, save_torch
 from fadal.data.site import Site, load_site
 from fadal.model.net import build_network, norm_state_keys, pick_device
 from fadal.model.train import make_loader, seed_everything, site_training_items, train_epochs
@@ -152,13 +152,9 @@ def local_norm_path(runtime: SiteRuntime) -> Path:
 
 def save_local_norm(model: torch.nn.Module, runtime: SiteRuntime, run_id: int, server_round: int) -> Path:
     state = model.state_dict()
-    path = local_norm_path(runtime)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"run": int(run_id), "round": int(server_round),
-                "state": {k: state[k].detach().cpu().clone() for k in norm_state_keys(model)}}, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_torch({"run": int(run_id), "round": int(server_round),
+                       "state": {k: state[k].detach().cpu().clone() for k in norm_state_keys(model)}},
+                      local_norm_path(runtime))
 
 
 def restore_local_norm(model: torch.nn.Module, runtime: SiteRuntime, run_id: int | None = None) -> bool:
@@ -256,9 +252,7 @@ def local_train(msg: Message, runtime: SiteRuntime) -> Message:
     result = train_epochs(model, loader, train_cfg, epochs, pick_device(), proximal_mu=opts.proximal_mu,
                           teacher=teacher, distill_weight=opts.distill_weight,
                           distill_temperature=opts.distill_temperature, optimizer_state=opt_state)
-    opt_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(result.optimizer_state, opt_path.with_suffix(".tmp"))
-    opt_path.with_suffix(".tmp").replace(opt_path)
+    save_torch(result.optimizer_state, opt_path)
     model = model.cpu()
     state = model.state_dict()
     if opts.local_norm:

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fadal.config import FederationConfig
-from fadal.data.io import FadalInputError, write_json
+from fadal.data.io import FadalInputError, save_torch, write_json
 from fadal.federated.strategies import build_strategy
 from fadal.model.infer import save_checkpoint
 from fadal.model.net import build_network
@@ -80,9 +80,7 @@ _STATEFUL = ("m_t", "v_t", "privacy")
 def _save_strategy_state(strategy, path: Path, server_round: int) -> None:
     state = {k: getattr(strategy, k) for k in _STATEFUL if getattr(strategy, k, None) is not None}
     if state:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"round": server_round, **state}, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        save_torch({"round": server_round, **state}, path)
 
 
 def _load_strategy_state(strategy, path: Path, server_round: int) -> None:

@@ -28,6 +28,12 @@ def federation_labels(cfg: FederationConfig) -> dict[str, int]:
     return parse_labels(read_dataset_json(first), first / "dataset.json")
 
 
+def site_runtimes(cfg: FederationConfig) -> list[SiteRuntime]:
+    """Each site's folders as its ClientApp sees them; its cache (FedBN layers, optimiser) under ``out/cache``."""
+    out = Path(cfg.out)
+    return [SiteRuntime(s.name, s.data, s.amplified, s.use_amplified, out / "cache" / s.name) for s in cfg.sites]
+
+
 def simulate(cfg: FederationConfig) -> dict:
     """Run the federation in Flower's simulation engine; returns the per-round history."""
     if len(cfg.sites) < 1:
@@ -36,7 +42,7 @@ def simulate(cfg: FederationConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "history.json").unlink(missing_ok=True)
     labels = federation_labels(cfg)
-    runtimes = [SiteRuntime(s.name, s.data, s.amplified, s.use_amplified, out / "cache" / s.name) for s in cfg.sites]
+    runtimes = site_runtimes(cfg)
     cpus = os.cpu_count() or 1
     gpus = 1 if torch.cuda.is_available() else 0
     # One site trains at a time with every core: on a small machine, concurrent torch processes

@@ -13,6 +13,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 
 from fadal.config import PreprocessConfig, TrainConfig
+from fadal.data.io import save_torch
 from fadal.data.preprocess import from_array, inference_transforms, to_metatensor
 from fadal.model.net import build_network
 
@@ -58,13 +59,8 @@ def predict_image(model: torch.nn.Module, image: sitk.Image, pre: PreprocessConf
 def save_checkpoint(model: torch.nn.Module, path: Path, labels: dict[str, int], train_cfg: TrainConfig,
                     pre: PreprocessConfig, extra: dict | None = None) -> Path:
     """A checkpoint carries what inference needs: weights, label names, network and preprocessing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "labels": labels, "train": train_cfg.model_dump(mode="json"),
-                "preprocess": pre.model_dump(mode="json"), **(extra or {})}, tmp)
-    tmp.replace(path)
-    return path
+    return save_torch({"state_dict": model.state_dict(), "labels": labels, "train": train_cfg.model_dump(mode="json"),
+                       "preprocess": pre.model_dump(mode="json"), **(extra or {})}, path)
 
 
 def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, int], PreprocessConfig, dict]:

@@ -10,15 +10,13 @@ frames are correct whatever order the files, the series reader or the label's sl
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from fadal.data.io import DIRECTION_TOL, SPACING_TOL_MM, FadalInputError
+from fadal.data.io import DIRECTION_TOL, SPACING_TOL_MM, FadalInputError, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -259,14 +257,6 @@ def write_dicom_seg(label: sitk.Image, source_dicom_folder: Path, labels: Mappin
         content_label="FADAL",
         content_description="Automatic organ segmentation"[:64],
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".dcm", dir=out_path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out_path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out_path

@@ -15,9 +15,7 @@ the convention and each organ's size and volume.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import SimpleITK as sitk
 import trimesh
 from scipy import ndimage
 
-from fadal.data.io import FadalInputError, write_json
+from fadal.data.io import FadalInputError, atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -216,20 +214,6 @@ def organ_meshes(label: sitk.Image, labels: Mapping[str, int], smoothing_iterati
 
 # ----------------------------------------------------------------------------------------------- files
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be shared.
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _safe_name(name: str) -> str:

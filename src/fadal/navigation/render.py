@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fadal.data.io import FadalInputError, resample_like, same_geometry
-from fadal.navigation.meshes import atomic_write_bytes
+from fadal.data.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
