@@ -169,9 +169,9 @@ class SelfTrainConfig(_Strict):
         0.9, gt=0, le=1, description="Where model and fusion disagree, the model's label is kept if its "
         "probability is at least this; otherwise the voxel is dropped (confidence 0).")
     min_volume_ratio: float = Field(0.5, gt=0, description="QC: a refined organ smaller than this x the fused one "
-                                    "becomes unknown for that scan.")
+                                    "goes back to the fusion's label for that scan.")
     max_volume_ratio: float = Field(2.0, gt=1, description="QC: a refined organ larger than this x the fused one "
-                                    "becomes unknown for that scan.")
+                                    "goes back to the fusion's label for that scan.")
     qc: QCConfig = Field(default_factory=QCConfig, description="The amplification QC (amplify/qc.py), applied to "
                          "refined labels too: implausible organs are demoted, implausible scans rejected.")
     fresh_model: bool = Field(True, description="Each round trains a new network (no confirmation bias from "

@@ -9,6 +9,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from fadal.amplify.qc import OrganReference
 from fadal.amplify.selftrain import SelfTrainSite, check_refined, refine_label, selftrain
 from fadal.amplify.synthesize import LearnedTransform, SyntheticPairs, _normalised, _world_points, prepare
 from fadal.config import PreprocessConfig, SelfTrainConfig, TrainConfig
@@ -32,7 +33,7 @@ def test_refine_label_keeps_agreement_and_confident_model_voxels():
     assert label.tolist() == [0, 1, 2, 1, 2, 0] and (c > 0).tolist() == [False, False, True, False, True, True]
 
 
-def test_check_refined_demotes_drifting_organs_and_rejects_when_most_drift():
+def test_check_refined_reverts_drifting_organs_to_the_fusion_and_demotes_what_qc_flags():
     cfg = SelfTrainConfig()
     names = {1: "a", 2: "b"}
     fused = np.zeros((6, 6, 6), np.uint8)
@@ -40,15 +41,24 @@ def test_check_refined_demotes_drifting_organs_and_rejects_when_most_drift():
     fused[4:6, 1:5, 1:5] = 2
     conf = np.ones(fused.shape, np.float32)
     label, c, ok = check_refined(fused, conf, [1, 2], names, fused, cfg)
-    assert ok["accepted"] and ok["kept"] == ["a", "b"] and provenance_qc_accepted({"qc": ok})
+    assert ok["accepted"] and ok["kept"] == ["a", "b"] and not ok["reverted"] and provenance_qc_accepted({"qc": ok})
+    # The network lost most of organ a and grew it into background elsewhere: a goes back to the fusion.
     shrunk = fused.copy()
     shrunk[1:3, 1:5, 2:5] = 0  # organ a keeps a quarter of its fused volume
-    label, c, one = check_refined(shrunk, conf, [1, 2], names, fused, cfg)
-    assert one["accepted"] and one["demoted"] == ["a"] and one["kept"] == ["b"] and "a:" in one["reasons"][0]
-    assert not (label == 1).any() and (c[shrunk == 1] == 0).all()  # demoted: unknown, ignored by the loss
-    shrunk[4:6, 1:5, 2:5] = 0
-    _, _, bad = check_refined(shrunk, conf, [1, 2], names, fused, cfg)
-    assert not bad["accepted"] and not provenance_qc_accepted({"qc": bad})
+    shrunk[0, 0, 0] = 1  # and claims one voxel the fusion calls background
+    fused_conf = np.full(fused.shape, 0.8, np.float32)
+    label, c, one = check_refined(shrunk, conf, [1, 2], names, fused, cfg, fused_conf=fused_conf)
+    assert one["accepted"] and one["reverted"] == ["a"] and one["kept"] == ["a", "b"] and not one["demoted"]
+    assert "a:" in one["reasons"][0] and "fusion" in one["reasons"][0]
+    assert ((label == 1) == (fused == 1)).all()  # exactly the fused organ again
+    assert np.allclose(c[fused == 1], 0.8) and c[0, 0, 0] == 0  # fusion's confidence; the stray voxel ignored
+    assert (label[fused == 2] == 2).all() and (c[fused == 2] == 1).all()  # organ b untouched
+    # What the amplification QC flags (here: an organ 20x the atlases' volume) is demoted to unknown,
+    # and a scan with most organs flagged is rejected.
+    tiny_ref = {1: OrganReference([2.0]), 2: OrganReference([2.0])}  # the atlases' organs: 2 ml; these: 32 ml
+    label, c, bad = check_refined(fused, conf, [1, 2], names, fused, cfg, reference=tiny_ref)
+    assert bad["demoted"] == ["a", "b"] and not bad["accepted"] and not provenance_qc_accepted({"qc": bad})
+    assert not label.any() and not c[fused > 0].any()
     assert not provenance_qc_accepted({"status": "rejected"}) and provenance_qc_accepted({})
 
 

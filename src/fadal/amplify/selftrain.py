@@ -10,8 +10,9 @@ the atlases could not show. One round:
 3. refine (:func:`refine_label`), per voxel: model and fusion agree -> keep (confidence 1); they
    disagree but the model's probability >= ``model_confidence`` -> the model's label (confidence =
    that probability); otherwise the voxel is dropped (confidence 0: the loss ignores it);
-4. quality control of the refined label (:func:`check_refined`: drift from the fusion, and the
-   amplification's own QC, :mod:`fadal.amplify.qc`) and write it, in the layout of `fadal amplify`
+4. quality control of the refined label (:func:`check_refined`: an organ that drifted far from the
+   fusion goes back to the fusion's version of it; then the amplification's own QC,
+   :mod:`fadal.amplify.qc`) and write it, in the layout of `fadal amplify`
    (``labels/``, ``confidence/``, ``provenance/`` with ``"qc"``/``"status"``), so the next round and
    ``fadal train --amplified`` read it like any amplification;
 5. retrain (a fresh network by default, so the previous weights' mistakes are not simply kept).
@@ -107,19 +108,24 @@ def refine_label(model_label: np.ndarray, model_conf: np.ndarray, known: Sequenc
 
 def check_refined(label: np.ndarray, conf: np.ndarray, known: Sequence[int], names: dict[int, str],
                   fused_label: np.ndarray | None, cfg: SelfTrainConfig,
-                  reference: dict[int, OrganReference] | None = None, voxel_ml: float = 1.0
-                  ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """QC of a refined label -> (label, confidence, verdict), flagged organs demoted to unknown.
+                  reference: dict[int, OrganReference] | None = None, voxel_ml: float = 1.0,
+                  fused_conf: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """QC of a refined label -> (label, confidence, verdict).
 
-    Two checks per organ: *drift* -- its kept volume must stay within [``min_volume_ratio``,
-    ``max_volume_ratio``] x its fused volume on the same scan (a refinement that halves or doubles an
-    organ has more likely gone wrong than found the truth); then the amplification's own checks
-    (:func:`fadal.amplify.qc.check_pseudo_label`: volume against the site's atlases, fragmentation,
-    missing, low confidence). A flagged organ gets label 0 and confidence 0 and leaves ``kept``; the
-    scan is rejected when more than ``cfg.qc.max_flagged_fraction`` of its organs are flagged or none
-    is left (the amplification's rule).
+    First *drift*: an organ whose kept volume leaves [``min_volume_ratio``, ``max_volume_ratio``] x its
+    fused volume on the same scan has more likely gone wrong in the network than found the truth, so
+    it goes back to the fusion's version (fused voxels with the fusion's confidence, ``fused_conf``, 1
+    without it; voxels the network alone gave it are dropped). Why not make it unknown: the organs a
+    young network misses entirely (a thin cord, a small larynx) are exactly those it still needs the
+    atlases' labels for; dropping them made self-training *lose* those organs (measured: the spinal
+    cord and a parotid went to 0 Dice in benchmarks/label_efficiency.py). Then the amplification's
+    own checks (:func:`fadal.amplify.qc.check_pseudo_label`: volume against the site's atlases,
+    fragmentation, missing, low confidence): an organ they flag is demoted to unknown (label 0,
+    confidence 0, out of ``kept``); the scan is rejected when more than
+    ``cfg.qc.max_flagged_fraction`` of its organs are flagged or none is left (the amplification's rule).
     """
-    reasons, drift = [], []
+    reasons, reverted = [], []
+    label, conf = label.copy(), conf.copy()
     if fused_label is not None:
         for c in known:
             f = int((fused_label == c).sum())
@@ -127,21 +133,26 @@ def check_refined(label: np.ndarray, conf: np.ndarray, known: Sequence[int], nam
                 continue
             ratio = int(((label == c) & (conf > 0)).sum()) / f
             if not cfg.min_volume_ratio <= ratio <= cfg.max_volume_ratio:
-                drift.append(c)
+                reverted.append(c)
                 reasons.append(f"{names.get(c, c)}: refined/fused volume {ratio:.2f} outside "
-                               f"[{cfg.min_volume_ratio:g}, {cfg.max_volume_ratio:g}]")
-    rest = [c for c in known if c not in drift]
-    amp = check_pseudo_label(label, conf, voxel_ml, rest, reference or {}, names, cfg.qc)
-    demoted = drift + [c for c in rest if c not in amp.kept]
-    kept = [c for c in rest if c in amp.kept]
+                               f"[{cfg.min_volume_ratio:g}, {cfg.max_volume_ratio:g}]; fusion's label kept")
+                extra = (label == c) & (fused_label != c)
+                label[extra], conf[extra] = fused_label[extra], 0.0
+                was = fused_label == c
+                label[was] = c
+                conf[was] = 1.0 if fused_conf is None else fused_conf[was]
+    amp = check_pseudo_label(label, conf, voxel_ml, list(known), reference or {}, names, cfg.qc)
+    demoted = [c for c in known if c not in amp.kept]
+    kept = [c for c in known if c in amp.kept]
     reasons += amp.reasons
     accepted = amp.accepted and bool(kept) and len(demoted) / max(len(known), 1) <= cfg.qc.max_flagged_fraction
     if not accepted and not reasons:
         reasons.append("no organ left")
     label, conf = demote(label, conf, demoted)
     verdict = {"accepted": accepted, "reasons": reasons, "kept": [names.get(c, str(c)) for c in kept],
-               "demoted": [names.get(c, str(c)) for c in demoted], "organs": amp.organs,
-               "checker": "fadal.amplify.selftrain.check_refined (drift + fadal.amplify.qc)"}
+               "demoted": [names.get(c, str(c)) for c in demoted], "reverted": [names.get(c, str(c)) for c in reverted],
+               "organs": amp.organs,
+               "checker": "fadal.amplify.selftrain.check_refined (drift -> fusion + fadal.amplify.qc)"}
     return label, conf, verdict
 
 
@@ -164,7 +175,7 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: 
     per_case: dict[str, dict] = {}
     for case in site.unlabeled:
         t0 = time.perf_counter()
-        prov_in, fused_img = None, None
+        prov_in, fused_img, fused_conf_img = None, None, None
         if sts.amplified is not None:
             p = Path(sts.amplified) / "provenance" / f"{case.case_id}.json"
             if p.exists():
@@ -174,6 +185,8 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: 
                     continue
                 lab_path = Path(sts.amplified) / "labels" / f"{case.case_id}.nii.gz"
                 fused_img = read_image(lab_path) if lab_path.exists() else None
+                conf_path = Path(sts.amplified) / "confidence" / f"{case.case_id}.nii.gz"
+                fused_conf_img = read_image(conf_path) if fused_img is not None and conf_path.exists() else None
         image = read_image(case.image)
         pred, pconf = predict_image(model, image, pre, device)
         fused = None
@@ -181,11 +194,16 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: 
             if same_geometry(fused_img, image) is not None:
                 fused_img = resample_like(fused_img, image, is_label=True)
             fused = sitk.GetArrayFromImage(fused_img)
+        fused_conf = None
+        if fused_conf_img is not None:
+            if same_geometry(fused_conf_img, image) is not None:
+                fused_conf_img = resample_like(fused_conf_img, image, is_label=False)
+            fused_conf = sitk.GetArrayFromImage(fused_conf_img).astype(np.float32)
         known = _known_organs(sts, prov_in)
         label, conf, stats = refine_label(sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(pconf), known,
                                           fused, cfg.model_confidence)
         voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-        label, conf, qc = check_refined(label, conf, known, names, fused, cfg, reference, voxel_ml)
+        label, conf, qc = check_refined(label, conf, known, names, fused, cfg, reference, voxel_ml, fused_conf)
         for sub, arr in (("labels", label), ("confidence", conf)):
             img = sitk.GetImageFromArray(arr)
             img.CopyInformation(image)  # exactly the scan's geometry
@@ -195,7 +213,7 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: 
             "fusion": str(sts.amplified) if fused is not None else None,
             "status": "accepted" if qc["accepted"] else "rejected",
             # What training may trust: organs known here and kept by QC (demoted ones are unknown).
-            "organs_fused": qc["kept"], "organs_demoted": qc["demoted"],
+            "organs_fused": qc["kept"], "organs_demoted": qc["demoted"], "organs_reverted": qc["reverted"],
             "rule": {"model_confidence": cfg.model_confidence},
             "stats": stats, "qc": qc, "seconds": round(time.perf_counter() - t0, 3),
         }
