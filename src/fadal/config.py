@@ -25,6 +25,12 @@ class PreprocessConfig(_Strict):
     spacing_mm: tuple[float, float, float] = Field((4.0, 4.0, 4.0), description="Target voxel spacing (mm).")
     hu_window: tuple[float, float] = Field((-200.0, 300.0), description="HU range mapped to [0, 1] (abdominal soft tissue).")
     orientation: str = Field("RAS", description="Canonical axis codes the network sees.")
+    crop_to_body: bool = Field(True, description="Crop every volume to the bounding box of its voxels above "
+                               "body_threshold_hu (plus a margin) before resampling; the prediction is padded back "
+                               "(background) onto the input grid. Most of a CT's field of view can be air (an OpenKBP "
+                               "head-and-neck scan's body box is 14-43 % of its volume): the network need not see it.")
+    body_threshold_hu: float = Field(-500.0, description="HU above which a voxel counts as body (or table) for "
+                                     "crop_to_body.")
 
 
 class LearnedRegistrationConfig(_Strict):

@@ -65,11 +65,13 @@ def test_synthetic_labels_are_deformed_not_destroyed(tmp_path, phantom, fast_cfg
             assert _dice(syn == c, undeformed == c) <= 0.99, (t.target, c)  # really deformed
             assert _dice(syn == c, ref == c) > 0.75, (t.target, c)  # ... into the target's real anatomy
             assert _dice(syn == c, ref == c) > _dice(undeformed == c, ref == c) + 0.05
-        # Not destroyed: the large organs still overlap their undeformed selves. (The 20 mm thick spine
-        # moves by about its radius between these phantoms, so its overlap is low by construction;
-        # its volume and its overlap with the target above show it intact.)
+        # Not destroyed: the large organs overlap their undeformed selves as much as the target's real
+        # organs do -- the deformation moves them as far as the anatomy differs, not further. (The
+        # 20 mm thick spine moves by about its radius between these phantoms, so its overlap is low by
+        # construction; its volume and its overlap with the target above show it intact.)
         for c in (1, 2):
-            assert 0.5 <= _dice(syn == c, undeformed == c), (t.target, c)
+            assert abs(_dice(syn == c, undeformed == c) - _dice(ref == c, undeformed == c)) < 0.1, (t.target, c)
+            assert 0.4 <= _dice(syn == c, undeformed == c), (t.target, c)
 
 
 def test_image_and_label_stay_aligned_and_appearance_is_learned(tmp_path, phantom, fast_cfg, one_itk_thread):

@@ -91,3 +91,36 @@ def test_small_volumes_go_through_the_network_in_one_pass():
     assert len(whole.shapes) == 1 and whole.shapes[0] == (32, 32, 48)  # 30x31x35 mm -> padded to /16
     assert len(tiled.shapes) > 8 and set(tiled.shapes) == {(16, 16, 16)}
     assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+
+
+def test_network_sees_only_the_body_and_the_prediction_comes_back_on_the_full_grid():
+    """crop_to_body: a small body in a wide field of air reaches the network cropped to its box (plus a
+    margin); the prediction is the same as without the crop, on the input's full grid, and the air
+    outside the crop is background with full confidence."""
+    small, seg = make_volume(shape=(20, 18, 12), spacing=(2.0, 2.0, 3.0))
+    # The same body in the corner of a 3x wider field of view of air.
+    hu = np.full((36, 60, 60), -1000, np.int16)  # (z, y, x)
+    hu[2:14, 5:23, 3:23] = sitk.GetArrayFromImage(small)
+    big = sitk.GetImageFromArray(hu)
+    big.SetSpacing((2.0, 2.0, 3.0))
+    truth = np.zeros(hu.shape, bool)
+    truth[2:14, 5:23, 3:23] = sitk.GetArrayFromImage(seg) == 2
+    shapes = {}
+    for crop in (False, True):
+        net = ShapeRecorder()
+        pre = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), hu_window=(-200.0, 300.0), crop_to_body=crop)
+        label, conf = predict_image(net, big, pre, torch.device("cpu"))
+        assert same_geometry(label, big) is None and same_geometry(conf, big) is None
+        pred = sitk.GetArrayFromImage(label) == 1
+        assert _dice(pred, truth) > 0.85
+        shapes[crop] = net.shapes[0]
+        if crop:
+            c = sitk.GetArrayFromImage(conf)
+            assert not pred[30:, 40:, 40:].any() and np.allclose(c[30:, 40:, 40:], 1.0)  # air far from the body
+    assert np.prod(shapes[True]) * 4 < np.prod(shapes[False])  # (64, 64, 64) -> (32, 32, 32)
+
+
+def test_an_all_air_volume_is_not_cropped_to_nothing():
+    air = sitk.GetImageFromArray(np.full((10, 12, 14), -1000, np.int16))
+    label, conf = predict_image(BrightIsOrgan(), air, PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0)), torch.device("cpu"))
+    assert same_geometry(label, air) is None and not sitk.GetArrayViewFromImage(label).any()

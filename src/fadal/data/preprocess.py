@@ -16,6 +16,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
+    CropForegroundd,
     DivisiblePadd,
     MapTransform,
     Orientationd,
@@ -78,11 +79,33 @@ class LoadVolumesd(MapTransform):
         return d
 
 
+#: Margin (input voxels) kept around the body's bounding box by ``crop_to_body``.
+BODY_MARGIN_VOXELS = 4
+
+
+class BodyMask:
+    """``select_fn`` of the body crop: voxels above ``threshold_hu``; every voxel when none is (an
+    all-air volume is cropped to nothing rather than to an empty box)."""
+
+    def __init__(self, threshold_hu: float) -> None:
+        self.threshold_hu = threshold_hu
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        mask = img > self.threshold_hu
+        return mask if bool(mask.any()) else torch.ones_like(mask)
+
+
 def spatial_transforms(cfg: PreprocessConfig, keys: tuple[str, ...]) -> list:
-    """Orientation, spacing and intensity windowing (invertible: used by training and inference)."""
+    """Orientation, body crop, spacing and intensity windowing (invertible: used by training and inference)."""
     modes = {"image": "bilinear", "label": "nearest", "confidence": "bilinear", "pred": "bilinear"}
+    crop = []
+    if cfg.crop_to_body:
+        # Before resampling (cheaper); the recorded crop is undone by Invertd with zero padding.
+        crop = [CropForegroundd(keys=list(keys), source_key="image", select_fn=BodyMask(cfg.body_threshold_hu),
+                                margin=BODY_MARGIN_VOXELS, allow_smaller=True, start_coord_key=None, end_coord_key=None)]
     return [
         Orientationd(keys=list(keys), axcodes=cfg.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        *crop,
         Spacingd(keys=list(keys), pixdim=cfg.spacing_mm, mode=[modes[k] for k in keys]),
         ScaleIntensityRanged(keys="image", a_min=cfg.hu_window[0], a_max=cfg.hu_window[1], b_min=0.0, b_max=1.0, clip=True),
         DivisiblePadd(keys=list(keys), k=16),

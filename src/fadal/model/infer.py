@@ -51,6 +51,8 @@ def predict_image(model: torch.nn.Module, image: sitk.Image, pre: PreprocessConf
     data["pred"] = MetaTensor(prob, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
     back = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False)(data)["pred"]
     back = back.as_tensor().numpy()
+    # Outside the body crop (and the padding) the inverse fills every class with 0: that is background.
+    back[0] += np.clip(1.0 - back.sum(0), 0.0, 1.0)
     label = back.argmax(0).astype(np.uint8)
     conf = back.max(0).astype(np.float32)
     return from_array(label, image), from_array(conf, image)

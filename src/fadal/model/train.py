@@ -95,9 +95,10 @@ def _amplified_known(provenance: Path, site: Site) -> list[int]:
     return [site.labels[o] if isinstance(o, str) else int(o) for o in fused]
 
 
-def _with_version(item: dict) -> dict:
-    """Add file size/mtime so an on-disk preprocessing cache notices changed inputs."""
-    stamp = []
+def _with_version(item: dict, pre: PreprocessConfig | None = None) -> dict:
+    """Add file size/mtime (and the preprocessing settings) so an on-disk preprocessing cache notices
+    changed inputs, and a changed preprocessing."""
+    stamp = [pre.model_dump_json()] if pre is not None else []
     for key in ("image", "label", "confidence"):
         if item.get(key):
             st = Path(item[key]).stat()
@@ -119,7 +120,7 @@ def make_loader(items: Sequence[dict], pre: PreprocessConfig, num_classes: int, 
     """
     fixed, random = training_transforms(pre)
     fixed = Compose([*fixed.transforms, KnownMaskd(num_classes)])
-    items = [_with_version(i) for i in items]
+    items = [_with_version(i, pre) for i in items]
     if cache_dir is not None:
         base: Dataset = PersistentDataset(items, transform=fixed, cache_dir=cache_dir)
     else:
