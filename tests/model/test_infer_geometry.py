@@ -124,3 +124,18 @@ def test_an_all_air_volume_is_not_cropped_to_nothing():
     air = sitk.GetImageFromArray(np.full((10, 12, 14), -1000, np.int16))
     label, conf = predict_image(BrightIsOrgan(), air, PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0)), torch.device("cpu"))
     assert same_geometry(label, air) is None and not sitk.GetArrayViewFromImage(label).any()
+
+
+def test_checkpoints_from_before_the_body_crop_keep_the_whole_field_of_view(tmp_path):
+    from fadal.config import TrainConfig
+    from fadal.model.infer import load_checkpoint, save_checkpoint
+    from fadal.model.net import build_network
+
+    cfg = TrainConfig(channels=(4, 8))
+    path = save_checkpoint(build_network(3, cfg), tmp_path / "new.pt", {"background": 0, "a": 1, "b": 2}, cfg,
+                           PreprocessConfig())
+    assert load_checkpoint(path)[2].crop_to_body
+    old = torch.load(path, weights_only=False)
+    del old["preprocess"]["crop_to_body"], old["preprocess"]["body_threshold_hu"]
+    torch.save(old, tmp_path / "old.pt")
+    assert not load_checkpoint(tmp_path / "old.pt")[2].crop_to_body

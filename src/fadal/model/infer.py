@@ -71,4 +71,6 @@ def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, int], Prepro
     labels = {k: int(v) for k, v in ckpt["labels"].items()}
     model = build_network(max(labels.values()) + 1, train_cfg)
     model.load_state_dict(ckpt["state_dict"])
-    return model, labels, PreprocessConfig.model_validate(ckpt["preprocess"]), ckpt
+    # A checkpoint from before the body crop existed was trained on whole fields of view: keep it so.
+    pre = {"crop_to_body": False, **ckpt["preprocess"]}
+    return model, labels, PreprocessConfig.model_validate(pre), ckpt
