@@ -18,17 +18,17 @@ cases of each site, in each case's own geometry: per-organ Dice and HD95 (organs
 and the fraction of the full-label Dice each variant recovers. Pseudo-label quality (Dice of the
 fused and refined labels against the real labels of the "unlabeled" scans) is reported as well.
 
-    python benchmarks/label_efficiency.py                  # default: ~70 min on 2 idle cores (estimated)
+    python benchmarks/label_efficiency.py                  # default: 86 min on 2 idle cores (measured)
     python benchmarks/label_efficiency.py --quick          # < 4 min smoke run
     python benchmarks/label_efficiency.py --train-data ../shared/data/openkbp --out runs/bench_label_efficiency
 
 Runtime of the default (3 sites; 4 atlases + 8 unlabeled + 6 validation cases per site; 13 training
-runs of 300 steps), from per-step CPU times measured on this 2-core machine (one thread, shared,
-so wall times there were 2-3x longer) and scaled to 2 threads: training ~0.7 s/step -> ~46 min;
-96 atlas registrations for fusion (k = 1, 2 reuse k = 4's from the shared cache) ~4 min with 2
-workers; 96 synthesis registrations on the 6 mm grid ~6 min; 234 validation predictions with
-Dice/HD95 ~6 min; refinement predictions ~3 min; loading ~3 min: about 70 min. ``timing`` in
-results.json records what each stage really took.
+runs of 600 steps on body-cropped 6 mm volumes), measured on this 2-core machine, idle, 2 threads
+(2026-11-27): 5143 s in all -- training 3152 s (280-365 s per run, ~0.5 s per step), self-training
+1053 s (refinement 33 s, the rest its retraining), atlas registration + fusion 553 s (96 pairs, 2
+workers), synthesis registrations 185 s, 234 validation predictions with Dice/HD95 197 s.
+``timing`` in results.json records what each stage really took. Without the body crop
+(``--no-crop``) a step costs ~1.7x as much: the default would not fit in 90 minutes.
 """
 
 from __future__ import annotations
