@@ -163,6 +163,16 @@ def _known_organs(sts: SelfTrainSite, provenance: dict | None) -> list[int]:
     return sorted({i for c in site.labeled for i in site.annotated_ids(c)})
 
 
+def _on_scan(img: sitk.Image | None, scan: sitk.Image, is_label: bool) -> np.ndarray | None:
+    """A fusion output as an array on the scan's own grid (resampled only if its geometry differs)."""
+    if img is None:
+        return None
+    if same_geometry(img, scan) is not None:
+        img = resample_like(img, scan, is_label=is_label)
+    arr = sitk.GetArrayFromImage(img)
+    return arr if is_label else arr.astype(np.float32)
+
+
 def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: PreprocessConfig,
                 cfg: SelfTrainConfig, round_no: int = 1, device: torch.device | None = None) -> dict:
     """Predict, refine, check and write every unlabeled scan of one site; return a summary."""
@@ -189,16 +199,8 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: 
                 fused_conf_img = read_image(conf_path) if fused_img is not None and conf_path.exists() else None
         image = read_image(case.image)
         pred, pconf = predict_image(model, image, pre, device)
-        fused = None
-        if fused_img is not None:
-            if same_geometry(fused_img, image) is not None:
-                fused_img = resample_like(fused_img, image, is_label=True)
-            fused = sitk.GetArrayFromImage(fused_img)
-        fused_conf = None
-        if fused_conf_img is not None:
-            if same_geometry(fused_conf_img, image) is not None:
-                fused_conf_img = resample_like(fused_conf_img, image, is_label=False)
-            fused_conf = sitk.GetArrayFromImage(fused_conf_img).astype(np.float32)
+        fused = _on_scan(fused_img, image, is_label=True)
+        fused_conf = _on_scan(fused_conf_img, image, is_label=False)
         known = _known_organs(sts, prov_in)
         label, conf, stats = refine_label(sitk.GetArrayFromImage(pred), sitk.GetArrayFromImage(pconf), known,
                                           fused, cfg.model_confidence)

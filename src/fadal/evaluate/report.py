@@ -410,9 +410,6 @@ def _plot_confidence(amplification: Mapping[str, Mapping[str, Any]]) -> bytes | 
 
 # --------------------------------------------------------------------------------------------- output
 
-
-
-
 _CSS = """
 :root { --fg:#1f2328; --muted:#59636e; --line:#d1d9e0; --zebra:#f6f8fa; --best:#dafbe1; --accent:#0969da; }
 * { box-sizing: border-box; }

@@ -95,10 +95,10 @@ def _amplified_known(provenance: Path, site: Site) -> list[int]:
     return [site.labels[o] if isinstance(o, str) else int(o) for o in fused]
 
 
-def _with_version(item: dict, pre: PreprocessConfig | None = None) -> dict:
-    """Add file size/mtime (and the preprocessing settings) so an on-disk preprocessing cache notices
-    changed inputs, and a changed preprocessing."""
-    stamp = [pre.model_dump_json()] if pre is not None else []
+def _with_version(item: dict, pre: PreprocessConfig) -> dict:
+    """Add the preprocessing settings and file size/mtime so an on-disk preprocessing cache notices a
+    changed preprocessing and changed inputs."""
+    stamp = [pre.model_dump_json()]
     for key in ("image", "label", "confidence"):
         if item.get(key):
             st = Path(item[key]).stat()

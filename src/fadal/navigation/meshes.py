@@ -214,8 +214,6 @@ def organ_meshes(label: sitk.Image, labels: Mapping[str, int], smoothing_iterati
 
 # ----------------------------------------------------------------------------------------------- files
 
-
-
 def _safe_name(name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
     return safe or "organ"
