@@ -2,20 +2,26 @@
 
 Compares, on each site's official validation cases (per-site, per-organ Dice):
 
-* ``local-<site>``: each site alone, as many passes over its data as it gets in federation;
-* ``centralised``: all sites' training cases pooled (the upper reference; impossible in practice);
+* ``local-<site>``: each site alone, as many optimiser steps as it takes in a federation;
+* ``centralised``: all sites' training cases pooled (the upper reference; impossible in practice), as many
+  steps as all sites together take in a federation (equal total optimiser steps);
 * ``fedavg``, ``fedprox``, ``fedbn``: Flower federations (marginal partial-label loss);
-* ``condist``: FedAvg + ConDistFL conditional distillation for the organs a case did not draw.
+* ``condist``: FedAvg + ConDistFL conditional distillation for the organs a case did not draw;
+* ``loso-<site>``: FedAvg over the other sites only, scored on the site it never saw (leave one site out:
+  does the model hold on another institution's scanner?).
+
+Every variant uses one plan, made by the planner from the three sites' merged fingerprints for
+``plan_minutes`` per ``rounds x local_steps`` steps, and the one training engine.
 
 OpenKBP sites annotate different organ subsets (cases.json ``annotated``): partial labels are real here.
 Per-site views of the one OpenKBP folder are built with symlinks (nothing is copied); ``split``
 in each view's cases.json is the official split.
 
 Timing: wall seconds per variant; for federations also the seconds spent inside local training
-(``train_epochs``), inside the ClientApp (training + data loading + (de)serialising the model),
+(``fadal.model.engine.fit``), inside the ClientApp (training + data loading + (de)serialising the model),
 and the rest, which is Flower (Ray start, messaging, aggregation) plus checkpointing.
 
-    python benchmarks/federation.py                      # default (DEFAULT): ~45-65 min on 2 idle cores (estimated)
+    python benchmarks/federation.py                      # default (DEFAULT): not yet measured on the new engine
     python benchmarks/federation.py --quick              # < 3 min smoke run
     python benchmarks/federation.py --train-data ../shared/data/openkbp --out runs/bench_federation
 """
@@ -42,20 +48,22 @@ class Settings:
     train_per_site: int = 10          # training cases per site (official 'train' split), evenly spread
     eval_per_site: int = 6            # validation cases per site (official 'validation' split)
     rounds: int = 10
-    local_epochs: int = 1
-    spacing_mm: float = 6.0
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    lr: float = 3e-3
+    local_steps: int = 20             # optimiser steps per site and round
+    plan_minutes: float = 6.0         # the plan's patch is sized so rounds x local_steps steps take about this
+    spacing_mm: float | None = None   # None: the planner's spacing
+    channels: tuple[int, ...] | None = None  # None: the planner's network
+    lr: float = 2e-3
     proximal_mu: float = 0.01
     distill_weight: float = 1.0
     threads: int = 0                  # torch threads (0 = torch's default: every core)
-    variants: tuple[str, ...] = ("local", "centralised", "fedavg", "fedprox", "fedbn", "condist")
+    variants: tuple[str, ...] = ("local", "centralised", "fedavg", "fedprox", "fedbn", "condist", "loso")
     sites: tuple[str, ...] = ("A", "B", "C")
     seed: int = 0
 
 
 DEFAULT = Settings()
-QUICK = Settings(train_per_site=2, eval_per_site=1, rounds=2, local_epochs=1, spacing_mm=10.0, channels=(4, 8, 16))
+QUICK = Settings(train_per_site=2, eval_per_site=1, rounds=2, local_steps=2, plan_minutes=0.1, spacing_mm=10.0,
+                 channels=(4, 8, 16))
 
 
 @dataclass
@@ -81,7 +89,7 @@ def build_site_views(train_data: Path, eval_data: Path, dest: Path, settings: Se
     return views
 
 
-def dice_on_cases(model, site, pre) -> dict:
+def dice_on_cases(model, site, plan) -> dict:
     """Mean Dice per drawn organ over ``site.test``, each prediction on its case's own grid
     (Dice only: HD95/surface Dice are what `fadal evaluate` adds, and cost more than the prediction)."""
     import numpy as np
@@ -94,7 +102,7 @@ def dice_on_cases(model, site, pre) -> dict:
     per_organ: dict[str, list[float]] = {}
     for case in site.test:
         image, ref = load_pair(site, case)
-        pred, _ = predict_image(model, image, pre, pick_device())
+        pred, _ = predict_image(model, image, plan, pick_device())
         p, r = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref)
         for organ in case.annotated:
             v = site.labels[organ]
@@ -107,10 +115,10 @@ def dice_on_cases(model, site, pre) -> dict:
     return out
 
 
-def evaluate_sites(model, views: dict[str, Path], pre, sites=None, norm_cache: dict[str, Path] | None = None) -> dict:
+def evaluate_sites(model, views: dict[str, Path], plan, sites=None, norm_cache: dict[str, Path] | None = None) -> dict:
     """Per-site, per-organ mean Dice on the site's validation cases."""
     from fadal.data.site import load_site
-    from fadal.federated.client_app import SiteRuntime, restore_local_norm
+    from fadal.federated.site_task import SiteRuntime, restore_local_norm
 
     out = {}
     for name in sites or views:
@@ -118,60 +126,73 @@ def evaluate_sites(model, views: dict[str, Path], pre, sites=None, norm_cache: d
         if norm_cache is not None:  # FedBN: the site's own normalisation layers
             if not restore_local_norm(model, SiteRuntime(name, views[name], None, False, norm_cache[name])):
                 raise RuntimeError(f"site {name}: no FedBN normalisation layers in {norm_cache[name]}")
-        out[name] = dice_on_cases(model, site, pre)
+        out[name] = dice_on_cases(model, site, plan)
     return out
 
 
-def federation_config(settings: Settings, views: dict[str, Path], out: Path, **fed):
-    """The federation every federated variant runs (``fed``: strategy and partial-label options);
-    ``benchmarks/deployment.py`` runs the same one."""
-    from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
+def planner_config(settings: Settings):
+    from fadal.config import PlannerConfig
 
-    train_cfg = TrainConfig(channels=settings.channels, lr=settings.lr, epochs=settings.rounds * settings.local_epochs,
-                            seed=settings.seed, num_threads=settings.threads)
-    # Head and neck: soft tissue and the mandible's bone both inside the window.
-    pre = PreprocessConfig(spacing_mm=(settings.spacing_mm,) * 3, hu_window=(-250.0, 750.0))
+    return PlannerConfig(budget_minutes=settings.plan_minutes, min_steps=settings.rounds * settings.local_steps,
+                         spacing_mm=(settings.spacing_mm,) * 3 if settings.spacing_mm else None,
+                         channels=settings.channels)
+
+
+def federation_config(settings: Settings, views: dict[str, Path], out: Path, plan=None, **fed):
+    """The federation every federated variant runs (``fed``: strategy and partial-label options);
+    ``benchmarks/deployment.py`` runs the same one. ``plan`` None: planned from the sites' fingerprints."""
+    from fadal.config import FederationConfig, SiteSpec, TrainConfig
+
+    train_cfg = TrainConfig(lr=settings.lr, seed=settings.seed, num_threads=settings.threads)
     return FederationConfig(sites=[SiteSpec(name=f"site_{s}", data=p) for s, p in views.items()],
-                            rounds=settings.rounds, local_epochs=settings.local_epochs, train=train_cfg,
-                            preprocess=pre, evaluate_every=0, out=out, proximal_mu=settings.proximal_mu,
-                            distill_weight=settings.distill_weight, **fed)
+                            rounds=settings.rounds, local_steps=settings.local_steps, train=train_cfg, plan=plan,
+                            planner=planner_config(settings), evaluate_every=0, out=out,
+                            proximal_mu=settings.proximal_mu, distill_weight=settings.distill_weight, **fed)
 
 
 def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=print) -> dict:
     import torch
 
+    from fadal.data.site import load_site
     from fadal.model.infer import load_checkpoint
     from fadal.pipeline import train_centralised
+    from fadal.plan.planner import plan_for_sites
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     out.mkdir(parents=True, exist_ok=True)
     views = build_site_views(train_data, eval_data, out / "sites", settings)
-    base = federation_config(settings, views, out)
-    train_cfg, pre, specs = base.train, base.preprocess, base.sites
+    plan = plan_for_sites([load_site(v, name=f"site_{s}", validate=False) for s, v in views.items()],
+                          planner_config(settings))
+    log(f"plan: spacing {plan.preprocess.spacing_mm} mm, patch {plan.patch_size} x {plan.batch_size}, "
+        f"{plan.network.architecture} {plan.network.channels}")
+    base = federation_config(settings, views, out, plan)
+    train_cfg, specs = base.train, base.sites
+    site_steps = settings.rounds * settings.local_steps  # what one site takes in a federation
     results: list[VariantResult] = []
 
     def centralised(name: str, site_specs, eval_sites):
         t0 = time.perf_counter()
-        ckpt = train_centralised(site_specs, out / name, train_cfg, pre, epochs=settings.rounds * settings.local_epochs)
+        ckpt = train_centralised(site_specs, out / name, train_cfg, plan, steps=site_steps * len(site_specs))
         t_train = time.perf_counter() - t0
         model, _, _, _ = load_checkpoint(ckpt)
-        dice = evaluate_sites(model, views, pre, eval_sites)
+        dice = evaluate_sites(model, views, plan, eval_sites)
         hist = json.loads((out / name / "history.json").read_text())
         return VariantResult(name, time.perf_counter() - t0, dice,
-                             {"train_wall_s": round(t_train, 1), "train_s": round(hist["seconds"], 1),
+                             {"train_wall_s": round(t_train, 1), "train_s": round(hist["train_seconds"], 1),
                               "steps": hist["steps"]})
 
-    def federated(name: str, **fed):
+    def federated(name: str, on=None, score=None, **fed):
         from fadal.federated.simulation import simulate
 
-        cfg = federation_config(settings, views, out / name, **fed)
+        members = {s: v for s, v in views.items() if on is None or s in on}
+        cfg = federation_config(settings, members, out / name, plan, **fed)
         t0 = time.perf_counter()
         history = simulate(cfg)
         t_fed = time.perf_counter() - t0
         model, _, _, _ = load_checkpoint(out / name / "global_model.pt")
         caches = {s: out / name / "cache" / f"site_{s}" for s in views} if cfg.strategy == "fedbn" else None
-        dice = evaluate_sites(model, views, pre, norm_cache=caches)
+        dice = evaluate_sites(model, views, plan, score, norm_cache=caches)
         rounds = [r for r in history["rounds"] if "loss" in r]
         train_s = sum(r.get("train_seconds_sum", 0.0) for r in rounds)
         client_s = sum(r.get("client_seconds_sum", 0.0) for r in rounds)
@@ -201,6 +222,11 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
             results.append(federated("fedbn", strategy="fedbn"))
         elif variant == "condist":
             results.append(federated("condist", strategy="fedavg", partial_label_mode="condist"))
+        elif variant == "loso":
+            for held_out in views:
+                others = [s for s in views if s != held_out]
+                results.append(federated(f"loso-{held_out}", on=others, score=[held_out], strategy="fedavg"))
+                log(f"    loso-{held_out}: {results[-1].seconds:.0f} s")
         else:
             raise SystemExit(f"unknown variant {variant!r}")
         log(f"    {results[-1].name}: {results[-1].seconds:.0f} s")

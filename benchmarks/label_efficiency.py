@@ -55,13 +55,12 @@ class Settings:
     unlabeled_per_site: int = 8           # unlabeled scans per site (the same ones for every k)
     eval_per_site: int = 6                # validation cases per site (official 'validation' split)
     sites: tuple[str, ...] = ("A", "B", "C")
-    spacing_mm: float = 6.0
+    spacing_mm: float | None = None       # None: the planner's spacing (the sites' median)
+    plan_minutes: float = 5.0             # the plan (patch size) is sized for runs of `steps` in this budget
     crop_to_body: bool = True             # PreprocessConfig.crop_to_body: the network sees the body's box only
-    # Measured here: a training step on the 6 mm grid (96x96x64 padded) costs about the same with 8..64
-    # as with 16..128 channels (the full-resolution layers dominate), ~1.2 s CPU on one thread.
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    steps: int = 600                      # optimiser steps per training run (batch 1), same for every variant
-    lr: float = 3e-3
+    channels: tuple[int, ...] | None = None  # None: the planner's network
+    steps: int = 600                      # optimiser steps per training run, same for every variant
+    lr: float = 2e-3
     confidence_threshold: float = 0.7     # fused voxels below this are ignored by the loss
     # Atlas registration of `fadal amplify` (native grid): few iterations, shared cache across k.
     registration: dict = field(default_factory=lambda: dict(
@@ -78,7 +77,7 @@ class Settings:
 
 DEFAULT = Settings()
 QUICK = Settings(
-    ks=(1,), unlabeled_per_site=2, eval_per_site=1, spacing_mm=10.0, channels=(4, 8, 16), steps=10,
+    ks=(1,), unlabeled_per_site=2, eval_per_site=1, spacing_mm=10.0, channels=(4, 8, 16), steps=10, plan_minutes=0.2,
     registration=dict(resolutions=1, affine_iterations=32, bspline_iterations=24, spatial_samples=512,
                       grid_spacing_mm=40.0, workers=1),
     synthesis=dict(fraction=0.5, registration=dict(resolutions=1, affine_iterations=32, bspline_iterations=24,
@@ -123,7 +122,7 @@ def build_views(plan: dict, train_data: Path, eval_data: Path, dest: Path, setti
 # scoring
 # --------------------------------------------------------------------------------------------------
 
-def evaluate(model, sites: dict, pre) -> dict:
+def evaluate(model, sites: dict, plan) -> dict:
     """Dice/HD95/surface Dice per organ, pooled over every site's validation cases, and per site."""
     from fadal.evaluate.evaluate import evaluate_model_on_cases
     from fadal.evaluate.metrics import summarize
@@ -131,7 +130,7 @@ def evaluate(model, sites: dict, pre) -> dict:
 
     per_case, per_site = {}, {}
     for name, site in sites.items():
-        res = evaluate_model_on_cases(model, site, site.test, pre, pick_device())
+        res = evaluate_model_on_cases(model, site, site.test, plan, pick_device())
         per_case.update(res["per_case"])
         per_site[name] = res["summary"]
     return {"summary": summarize(per_case), "per_site": per_site, "per_case": per_case}
@@ -194,12 +193,15 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
     import torch
 
     from fadal.amplify.pipeline import amplify_site
-    from fadal.amplify.selftrain import SelfTrainSite, selftrain, train_model
+    from fadal.amplify.selftrain import SelfTrainSite, selftrain
     from fadal.amplify.synthesize import site_synthesizer
-    from fadal.config import AmplifyConfig, PreprocessConfig, RegistrationConfig, SelfTrainConfig, SynthesisConfig, TrainConfig
-    from fadal.data.io import FadalInputError
+    from fadal.config import (AmplifyConfig, PlannerConfig, RegistrationConfig, SelfTrainConfig, SynthesisConfig,
+                              TrainConfig)
+    from fadal.errors import FadalInputError
     from fadal.data.site import load_site
-    from fadal.model.train import site_training_items
+    from fadal.model.engine import train_model
+    from fadal.model.patches import site_training_items
+    from fadal.plan.planner import plan_for_sites
 
     t_start = time.perf_counter()
     if settings.threads:
@@ -210,11 +212,19 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
     out.mkdir(parents=True, exist_ok=True)
     train_meta = json.loads((train_data / "cases.json").read_text())
     eval_meta = json.loads((eval_data / "cases.json").read_text())
-    plan = choose_cases(train_meta, eval_meta, settings)
-    views = build_views(plan, train_data, eval_data, out / "views", settings)
-    pre = PreprocessConfig(spacing_mm=(settings.spacing_mm,) * 3, hu_window=(-250.0, 750.0),  # soft tissue + mandible
-                           crop_to_body=settings.crop_to_body)
-    train_cfg = TrainConfig(channels=settings.channels, lr=settings.lr, seed=settings.seed, num_threads=settings.threads,
+    cases = choose_cases(train_meta, eval_meta, settings)
+    views = build_views(cases, train_data, eval_data, out / "views", settings)
+    # One plan for every run: from the full-label pool's fingerprints (what the sites hold), sized so that
+    # `steps` steps fit `plan_minutes`.
+    first = next(iter(views.values()))
+    pool = [load_site(v, name=f"site_{s}", validate=False) for s, v in views.get("full", first).items()]
+    net_plan = plan_for_sites(pool, PlannerConfig(
+        budget_minutes=settings.plan_minutes, min_steps=settings.steps, crop_to_body=settings.crop_to_body,
+        spacing_mm=(settings.spacing_mm,) * 3 if settings.spacing_mm else None, channels=settings.channels))
+    pre = net_plan.preprocess
+    log(f"plan: spacing {pre.spacing_mm} mm, HU {pre.hu_window}, patch {net_plan.patch_size} x {net_plan.batch_size}, "
+        f"{net_plan.network.architecture} {net_plan.network.channels}")
+    train_cfg = TrainConfig(lr=settings.lr, seed=settings.seed, num_threads=settings.threads,
                             confidence_threshold=settings.confidence_threshold)
     reg_cfg = RegistrationConfig(**settings.registration, seed=settings.seed)
     syn_kw = dict(settings.synthesis)
@@ -235,12 +245,12 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
     def fit_and_score(name: str, sites: dict, items: list, extra=(), model=None, train_s: float | None = None) -> None:
         t0 = time.perf_counter()
         if model is None:
-            model, res = train_model(items, pre, train_cfg, num_classes, settings.steps, extra)
+            model, res = train_model(items, net_plan, train_cfg, num_classes, settings.steps, extra)
             train_s, steps, loss = add_time("train_s", t0), res.steps, res.loss
         else:
             steps, loss = None, None
         t1 = time.perf_counter()
-        scores = evaluate(model, sites, pre)
+        scores = evaluate(model, sites, net_plan)
         runs[name] = {"train_items": len(items), "synthetic_share": round(sum(len(e) for e in extra) / max(len(items) + sum(len(e) for e in extra), 1), 3),
                       "steps": steps, "final_loss": loss, "train_seconds": round(train_s or 0.0, 1),
                       "eval_seconds": round(add_time("eval_s", t1), 1), **scores}
@@ -301,7 +311,7 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
         if "selftrain" in settings.variants:
             t0 = time.perf_counter()
             result = selftrain([SelfTrainSite(site, amp_dirs[s], synth.get(s)) for s, site in sites.items()],
-                               out / "selftrain" / key, train_cfg, pre, st_cfg, steps=settings.steps,
+                               out / "selftrain" / key, train_cfg, net_plan, st_cfg, steps=settings.steps,
                                model=models.get(f"{key}/synthesis"), log=lambda m: log("    " + m))
             dt = add_time("selftrain_s", t0)
             last = result.label_dirs[-1]
@@ -318,7 +328,7 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
 
     doc = {
         "settings": asdict(settings), "train_data": str(train_data), "eval_data": str(eval_data),
-        "sites": plan, "torch_threads": torch.get_num_threads(),
+        "sites": cases, "plan": net_plan.model_dump(mode="json"), "torch_threads": torch.get_num_threads(),
         "runs": {n: {k: v for k, v in r.items() if k != "per_case"} for n, r in runs.items()},
         "per_case": {n: r["per_case"] for n, r in runs.items()},
         "recovery": recovery(runs), "pseudo_labels": pseudo, "amplification": amplification,

@@ -58,3 +58,16 @@ def write_site(root: Path, n_labeled=2, n_unlabeled=1, n_test=1, cases_json: dic
     if cases_json is not None:
         json.dump(cases_json, open(root / "cases.json", "w"))
     return root
+
+
+def tiny_plan(channels=(4, 8), spacing_mm: float = 8.0, patch=None, norm: str = "instance"):
+    """A plan small enough for tests: a few channels, coarse spacing, a patch the network divides.
+
+    The tiny sites above are about 48 x 40 x 48 mm: at 8 mm one 16^3 patch (padded) covers them."""
+    from fadal.records import NetworkConfig, Plan, PreprocessConfig
+
+    k = 2 ** (len(channels) - 1)
+    patch = patch or (max(16, k),) * 3
+    return Plan(preprocess=PreprocessConfig(spacing_mm=(spacing_mm,) * 3),
+                network=NetworkConfig(channels=tuple(channels), res_units=1, norm=norm), patch_size=tuple(patch),
+                batch_size=1)

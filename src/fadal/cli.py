@@ -9,12 +9,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
-from fadal.data.io import FadalInputError
+from fadal.cli_deploy import deploy_app, flower_home, party_certs
+from fadal.errors import FadalInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="FADAL: federated few-label 3D CT organ segmentation (amplify labels at each site, "
                        "train one model across sites with Flower, evaluate and export).")
 console = Console()
@@ -22,7 +24,7 @@ console = Console()
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
+                    TimeRemainingColumn(), console=console)
 
 
 def _fail(err: Exception) -> None:
@@ -73,26 +75,73 @@ def amplify(
 
 
 @app.command()
+def plan(
+    site: list[Path] = typer.Option(..., help="Site folder(s) whose fingerprints are merged."),
+    out: Path = typer.Option(Path("plan.json"), help="Where the plan is written (JSON; editable, validated on use)."),
+    config: Optional[Path] = typer.Option(None, help="Planner YAML (fadal.config.PlannerConfig): budget, overrides."),
+) -> None:
+    """Measure each site's fingerprint (aggregate statistics) and plan spacing, patch, network and normalisation."""
+    from fadal.config import PlannerConfig, load_yaml
+    from fadal.data.io import write_json
+    from fadal.data.site import load_site
+    from fadal.plan.planner import plan_for_sites
+
+    try:
+        cfg = load_yaml(PlannerConfig, config) if config else PlannerConfig()
+        the_plan = plan_for_sites([load_site(s, validate=False) for s in site], cfg)
+    except FadalInputError as err:
+        _fail(err)
+    write_json(the_plan.model_dump(mode="json"), out)
+    table = Table(title=f"plan ({out})")
+    table.add_column("setting")
+    table.add_column("value")
+    for key, value in (("spacing (mm)", the_plan.preprocess.spacing_mm), ("HU window", the_plan.preprocess.hu_window),
+                       ("patch (voxels)", the_plan.patch_size), ("batch", the_plan.batch_size),
+                       ("network", f"{the_plan.network.architecture} {the_plan.network.channels}"),
+                       ("mirror pairs", the_plan.mirror_pairs or "none")):
+        table.add_row(key, str(value))
+    console.print(table)
+    for note in the_plan.notes:
+        console.print(f"- {note}")
+
+
+@app.command()
 def train(
-    site: list[Path] = typer.Option(..., help="Site folder(s); several = pooled (centralised) training."),
-    out: Path = typer.Option(Path("runs/train"), help="Where model.pt and history.json go."),
+    site: list[Path] = typer.Option([], help="Site folder(s); several = pooled (centralised) training."),
+    out: Optional[Path] = typer.Option(None, help="Where model.pt, plan.json and history.json go (default from the config)."),
     amplified: Optional[Path] = typer.Option(None, help="Amplification output root (out of `fadal amplify`)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default from the config)."),
-    config: Optional[Path] = typer.Option(None, help="Training YAML (fadal.config.TrainConfig)."),
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps (default from the config)."),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget in minutes (stops at it; the schedule follows it)."),
+    config: Optional[Path] = typer.Option(None, help="Training YAML (fadal.config.TrainRunConfig: sites, train, plan, planner)."),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="A plan.json from `fadal plan` (default: plan now)."),
 ) -> None:
     """Train one model on one site's data (local) or several sites pooled (centralised upper bound)."""
-    from fadal.config import PreprocessConfig, SiteSpec, TrainConfig, load_yaml
+    from fadal.config import SiteSpec, TrainRunConfig, load_yaml
+    from fadal.records import Plan
     from fadal.pipeline import train_centralised
 
     try:
-        cfg = load_yaml(TrainConfig, config) if config else TrainConfig()
-        specs = [SiteSpec(name=s.name, data=s, amplified=(amplified / s.name) if amplified else None,
-                          use_amplified=amplified is not None) for s in site]
-        total = epochs or cfg.epochs
-        with _progress() as prog:
-            task = prog.add_task("epochs", total=total)
-            ckpt = train_centralised(specs, out, cfg, PreprocessConfig(), epochs=total,
-                                     on_epoch=lambda e, loss: prog.update(task, advance=1, description=f"loss {loss:.3f}"))
+        cfg = load_yaml(TrainRunConfig, config) if config else TrainRunConfig()
+        specs = list(cfg.sites) + [SiteSpec(name=s.name, data=s, amplified=(amplified / s.name) if amplified else None,
+                                            use_amplified=amplified is not None) for s in site]
+        if not specs:
+            raise FadalInputError("no sites: give --site DIR or `sites:` in the --config YAML")
+        the_plan = cfg.plan
+        if plan_file is not None:
+            the_plan = Plan.model_validate_json(plan_file.read_text()) if plan_file.exists() else None
+            if the_plan is None:
+                raise FadalInputError(f"{plan_file}: plan file not found")
+        budget_min = minutes or cfg.train.minutes
+        total = steps or (10 ** 9 if budget_min else cfg.train.steps)
+        with _progress() as prog:  # the bar counts steps, or seconds of a --minutes budget
+            task = prog.add_task("training", total=budget_min * 60 if budget_min else total)
+
+            def progress(step: int, _steps: int, loss: float, elapsed: float) -> None:
+                prog.update(task, completed=elapsed if budget_min else step,
+                            description=f"step {step} loss {loss:.3f}")
+
+            ckpt = train_centralised(specs, out or cfg.out, cfg.train, the_plan, cfg.planner, steps=total,
+                                     minutes=minutes, progress=progress, log=console.print)
     except FadalInputError as err:
         _fail(err)
     console.print(f"model: {ckpt}")
@@ -171,7 +220,7 @@ def predict(
     options = ExportOptions(largest_component=largest_component, fill_holes=fill_holes, meshes=meshes,
                             views=views, dicom_seg=dicom_seg)
     try:
-        net, labels, pre, _ = load_checkpoint(model)
+        net, labels, the_plan, _ = load_checkpoint(model)
         files = _expand_inputs(inputs, series)
         with _progress() as prog:
             task = prog.add_task("cases", total=len(files))
@@ -181,7 +230,7 @@ def predict(
                     prog.advance(task)
                     continue
                 prog.update(task, description=case_id)
-                predict_case(net, labels, pre, path, case_id, out, options, series_uid=series)
+                predict_case(net, labels, the_plan, path, case_id, out, options, series_uid=series)
                 prog.advance(task)
     except FadalInputError as err:
         _fail(err)
@@ -189,7 +238,7 @@ def predict(
 
 
 def _expand_inputs(inputs: list[Path], series: str | None = None) -> list[tuple[str, Path]]:
-    from fadal.data.site import IMAGE_SUFFIXES, _strip_suffix
+    from fadal.data.site import IMAGE_SUFFIXES, strip_suffix
 
     found: list[tuple[str, Path]] = []
     for p in inputs:
@@ -198,11 +247,11 @@ def _expand_inputs(inputs: list[Path], series: str | None = None) -> list[tuple[
         if p.is_dir():
             vols = sorted(f for f in p.iterdir() if f.name.endswith(IMAGE_SUFFIXES))
             if vols:
-                found += [(_strip_suffix(f.name).removesuffix("_0000"), f) for f in vols]
+                found += [(strip_suffix(f.name).removesuffix("_0000"), f) for f in vols]
             else:  # a DICOM series folder (read, and checked, when its turn comes)
                 found.append((p.name, p))
         else:
-            found.append((_strip_suffix(p.name).removesuffix("_0000"), p))
+            found.append((strip_suffix(p.name).removesuffix("_0000"), p))
     return found
 
 
@@ -281,25 +330,14 @@ def main() -> None:  # pragma: no cover
     app()
 
 
+# The deployment roles (certs, server, site) live in cli_deploy.py; they are `fadal` commands too.
+app.registered_commands.extend(deploy_app.registered_commands)
+
+
 
 # --------------------------------------------------------------------------------------------------
 # Running across hospitals: Flower's deployment engine (see fadal.federated.deploy and the README)
 # --------------------------------------------------------------------------------------------------
-
-def _flower_home(home: Optional[Path], role: str) -> Path:
-    """Flower's state (installed app bundles, connection config) per role, never ~/.flwr."""
-    return home or Path.home() / ".fadal" / "flower" / role
-
-
-def _party_certs(certs: Path, party: str) -> Path:
-    """A party's own folder from `fadal certs`, or that folder inside the whole output."""
-    return certs / party if (certs / party).is_dir() else certs
-
-
-def _local_address(host: str, port: int) -> str:
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
 
 def _federate_deployment(config: Path, server: Optional[str], certs: Optional[Path], home: Optional[Path]) -> None:
     from fadal.config import FederationConfig, load_yaml
@@ -308,10 +346,10 @@ def _federate_deployment(config: Path, server: Optional[str], certs: Optional[Pa
 
     if not server or not certs:
         _fail(FadalInputError("--deployment needs --server HOST:PORT and --certs DIR (the coordinator's folder)"))
-    flwr_home = _flower_home(home, "coordinator")
+    flwr_home = flower_home(home, "coordinator")
     try:
         cfg = load_yaml(FederationConfig, config)
-        deploy.write_connection(flwr_home, server, _party_certs(certs, deploy.COORDINATOR) / "ca.crt")
+        deploy.write_connection(flwr_home, server, party_certs(certs, deploy.COORDINATOR) / "ca.crt")
         result = deploy.submit_run(deploy.write_app(flwr_home / "app"), deploy.CONNECTION, config, flwr_home,
                                    echo=lambda line: console.print(line, markup=False, highlight=False))
     except (FadalInputError, RuntimeError) as err:
@@ -324,104 +362,6 @@ def _federate_deployment(config: Path, server: Optional[str], certs: Optional[Pa
         _print_history(history["rounds"])
         _federation_report(cfg, history, evaluate_sites=False)  # the coordinator holds no images
     console.print(f"global model: {cfg.out / 'global_model.pt'}; checkpoints in {cfg.out / 'checkpoints'}")
-
-
-@app.command()
-def certs(
-    sites: str = typer.Option(..., help="Comma-separated hospital names, e.g. site_A,site_B,site_C (also their "
-                              "SuperNode names)."),
-    out: Path = typer.Option(Path("certs"), help="Output: coordinator/ stays with the coordinator; each <site>/ "
-                             "goes to that hospital only."),
-    server_host: str = typer.Option("127.0.0.1", help="Host name or IP address hospitals use to reach the SuperLink "
-                                    "(written into its TLS certificate)."),
-) -> None:
-    """Make the federation's keys: a CA, the SuperLink's TLS certificate, one SuperNode key pair per hospital.
-
-    Re-run with more sites to add hospitals: the CA and the existing site keys are kept."""
-    from fadal.federated.deploy import make_certificates
-
-    try:
-        made = make_certificates(out, [s.strip() for s in sites.split(",") if s.strip()], server_host)
-    except FadalInputError as err:
-        _fail(err)
-    console.print(f"{made['coordinator']}: stays with the coordinator (ca.key, server.key: secret)")
-    for name, folder in made["sites"].items():
-        console.print(f"{folder}: give to {name} only (supernode.key: secret)")
-
-
-@app.command()
-def server(
-    certs: Path = typer.Option(..., help="The coordinator's folder from `fadal certs` (ca.crt, server.crt, "
-                               "server.key, supernodes/*.pub)."),
-    port: int = typer.Option(9092, help="TCP port for the hospitals' SuperNodes and `fadal federate` (open it "
-                             "to them)."),
-    database: Path = typer.Option(Path("superlink.db"), help="SQLite file with the SuperLink's state (registered "
-                                  "sites, runs); a restarted server continues from it."),
-    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
-    home: Optional[Path] = typer.Option(None, help="Flower's state folder (default ~/.fadal/flower/server)."),
-) -> None:
-    """Run the coordinator's Flower SuperLink in the foreground (TLS; only registered hospitals may connect).
-
-    Registers every key in CERTS/supernodes/ at start. Ctrl-C stops it."""
-    from fadal.federated import deploy
-
-    folder = _party_certs(certs, deploy.COORDINATOR)
-    flwr_home = _flower_home(home, "server")
-    proc = deploy.start_superlink(folder, port, database, flwr_home, host=host)
-    try:
-        deploy.wait_for_port(host, port, proc)
-        deploy.write_connection(flwr_home, _local_address(host, port), folder / "ca.crt")
-        registered = deploy.register_supernodes(folder, flwr_home)
-    except (RuntimeError, TimeoutError, OSError) as err:
-        deploy.stop([proc])
-        _fail(err)
-    console.print(f"SuperLink on {host}:{port}; sites allowed: {', '.join(registered) or 'none'}; Ctrl-C stops it")
-    raise typer.Exit(deploy.wait_foreground([proc]) or 0)
-
-
-@app.command()
-def site(
-    data: Path = typer.Option(..., help="This hospital's site folder (nnU-Net v2 / MSD layout): the only data "
-                              "the ClientApp reads."),
-    name: str = typer.Option(..., help="This site's name, as given to `fadal certs --sites`."),
-    server: str = typer.Option(..., help="The SuperLink's HOST:PORT."),
-    certs: Path = typer.Option(..., help="This hospital's folder from `fadal certs` (ca.crt, supernode.key)."),
-    amplified: Optional[Path] = typer.Option(None, help="This site's `fadal amplify` output: train on its "
-                                             "pseudo-labels too."),
-    cache: Optional[Path] = typer.Option(None, help="Local cache (preprocessed volumes, site-local layers); "
-                                         "default DATA/.fadal_cache."),
-    port: int = typer.Option(9094, help="Local port of the SuperNode's runtime API (loopback only; open nothing)."),
-    home: Optional[Path] = typer.Option(None, help="Flower's state folder (default ~/.fadal/flower/site-NAME)."),
-    restart_after: float = typer.Option(15.0, help="Seconds before restarting the SuperNode when it exits with an "
-                                        "error (0 = exit instead)."),
-) -> None:
-    """Run this hospital's Flower SuperNode in the foreground; it connects out to the SuperLink (no inbound port).
-
-    Only model parameters and allow-listed scalar metrics leave this machine. Ctrl-C stops it."""
-    import time
-
-    from fadal.data.site import load_site
-    from fadal.federated import deploy
-
-    try:
-        found = load_site(data, name=name, validate=False)
-    except FadalInputError as err:
-        _fail(err)
-    console.print(f"{name}: {len(found.labeled)} labeled, {len(found.unlabeled)} unlabeled, {len(found.test)} "
-                  f"held-out scans in {data}")
-    flwr_home = _flower_home(home, f"site-{name}")
-    while True:
-        try:
-            proc = deploy.start_supernode(_party_certs(certs, name), server, data, name, port, flwr_home,
-                                          cache_dir=cache, amplified=amplified)
-        except FadalInputError as err:
-            _fail(err)
-        code = deploy.wait_foreground([proc])
-        if code in (None, 0) or restart_after <= 0:
-            raise typer.Exit(code or 0)
-        # e.g. the SuperLink still counts a crashed predecessor as online for up to a minute.
-        console.print(f"SuperNode exited with code {code}; restarting in {restart_after:.0f} s (Ctrl-C stops)")
-        time.sleep(restart_after)
 
 
 if __name__ == "__main__":  # pragma: no cover

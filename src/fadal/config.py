@@ -12,25 +12,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
+from fadal.records import Plan
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class PreprocessConfig(_Strict):
-    """How every CT is brought to the network's space (MONAI transforms, see data/preprocess.py)."""
-
-    spacing_mm: tuple[float, float, float] = Field((4.0, 4.0, 4.0), description="Target voxel spacing (mm).")
-    hu_window: tuple[float, float] = Field((-200.0, 300.0), description="HU range mapped to [0, 1] (abdominal soft tissue).")
-    orientation: str = Field("RAS", description="Canonical axis codes the network sees.")
-    crop_to_body: bool = Field(True, description="Crop every volume to the bounding box of its voxels above "
-                               "body_threshold_hu (plus a margin) before resampling; the prediction is padded back "
-                               "(background) onto the input grid. Most of a CT's field of view can be air (an OpenKBP "
-                               "head-and-neck scan's body box is 14-43 % of its volume): the network need not see it.")
-    body_threshold_hu: float = Field(-500.0, description="HU above which a voxel counts as body (or table) for "
-                                     "crop_to_body.")
 
 
 class LearnedRegistrationConfig(_Strict):
@@ -184,24 +171,64 @@ class SelfTrainConfig(_Strict):
                               "the previous weights); False fine-tunes the previous round's network.")
 
 
-class TrainConfig(_Strict):
-    """Local training (used alone, and by each site inside federation)."""
+class PlannerConfig(_Strict):
+    """How the planner turns fingerprints into a :class:`Plan` (see plan/planner.py)."""
 
-    channels: tuple[int, ...] = Field((16, 32, 64, 128), description="U-Net feature channels per level.")
-    epochs: int = Field(50, ge=1, description="Epochs for local/centralised training.")
-    lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(1, ge=1)
+    budget_minutes: float = Field(25.0, gt=0, description="Training time the plan is sized for: the patch is capped "
+                                  "so that the budget holds at least min_steps optimiser steps.")
+    min_steps: int = Field(800, ge=1, description="Optimiser steps the budget must hold at least.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device the plan is sized for.")
+    spacing_mm: tuple[float, float, float] | None = Field(None, description="Override the planned target spacing.")
+    patch_size: tuple[int, int, int] | None = Field(None, description="Override the planned patch size.")
+    channels: tuple[int, ...] | None = Field(None, description="Override the planned network channels.")
+    architecture: Literal["unet", "dynunet"] | None = Field(None, description="Override the planned architecture.")
+    batch_size: int = Field(2, ge=1)
+    max_patch_side: int = Field(160, ge=16, description="No patch side larger than this (voxels).")
+    mirror: bool = Field(False, description="Mirror patches left/right (swapping paired left/right labels, found by "
+                         "name). Off by default: lateral organs without a pair (liver, spleen) would learn to appear "
+                         "on either side.")
+    crop_to_body: bool = True
+
+
+class AugmentConfig(_Strict):
+    """nnU-Net-style augmentation of each training patch (MONAI transforms; probabilities per patch)."""
+
+    enabled: bool = True
+    spatial_prob: float = Field(0.2, ge=0, le=1, description="Random rotation (up to rotate_deg) and scaling.")
+    rotate_deg: float = Field(15.0, ge=0)
+    scale_range: float = Field(0.15, ge=0, lt=1, description="Scale factor drawn in [1-s, 1+s] per axis.")
+    noise_prob: float = Field(0.1, ge=0, le=1, description="Gaussian noise (std up to 0.03 of the HU window).")
+    blur_prob: float = Field(0.1, ge=0, le=1, description="Gaussian blur (sigma 0.5-1 voxel).")
+    brightness_prob: float = Field(0.15, ge=0, le=1, description="Multiplicative intensity in [0.75, 1.25].")
+    gamma_prob: float = Field(0.15, ge=0, le=1, description="Gamma in [0.7, 1.5] (contrast).")
+    mirror_prob: float = Field(0.5, ge=0, le=1, description="Left/right mirroring, only when the plan has mirror_pairs.")
+
+
+class TrainConfig(_Strict):
+    """How the network is optimised (the same engine for local, pooled, federated and self-training)."""
+
+    steps: int = Field(1000, ge=1, description="Optimiser steps of local/pooled training (a federation gives each "
+                       "site local_steps per round instead).")
+    minutes: float | None = Field(None, gt=0, description="Wall-clock budget: training stops when it is spent (or at "
+                                  "`steps`), and the learning-rate schedule follows the elapsed time.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(1e-5, ge=0)
+    schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="Learning-rate decay over the run: "
+                                                            "'poly' lr*(1-t)^0.9 (nnU-Net), 'cosine', or none.")
+    foreground_fraction: float = Field(0.67, ge=0, le=1, description="Share of patches centred on an organ voxel: "
+                                       "an organ drawn in that case, chosen uniformly among them (small organs are "
+                                       "seen as often as large ones); the rest are centred anywhere.")
+    foreground_balance: Literal["case", "dataset"] = Field(
+        "case", description="How the organ of a foreground patch is chosen: 'case' uniformly among the organs the "
+        "drawn case annotated; 'dataset' uniformly among all organs any case annotated, then a case that drew it "
+        "(rarely annotated organs are seen as often as the others).")
+    augment: AugmentConfig = AugmentConfig()
     confidence_threshold: float = Field(
         0.7, ge=0, le=1, description="Amplified-label voxels with lower fusion confidence are ignored by the loss."
     )
-    amp: bool = Field(True, description="Mixed precision when CUDA is present (ignored on CPU).")
+    amp: bool = Field(True, description="Mixed precision (and channels-last) when CUDA is present (ignored on CPU).")
     seed: int = 0
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default.")
-    norm: Literal["instance", "instance-affine", "batch"] = Field(
-        "instance",
-        description="Normalisation layers of the U-Net: 'instance' (no learned parameters), 'instance-affine' "
-        "(per-channel learned scale/shift; what strategy 'fedbn' keeps at each site) or 'batch'.",
-    )
 
 
 class SiteSpec(_Strict):
@@ -227,12 +254,13 @@ class FederationConfig(_Strict):
 
     sites: list[SiteSpec]
     rounds: int = Field(10, ge=1)
-    local_epochs: int = Field(1, ge=1)
+    local_steps: int = Field(100, ge=1, description="Optimiser steps each site takes per round (the learning-rate "
+                             "schedule runs over rounds x local_steps).")
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"] = Field(
         "fedavg",
         description="Aggregation strategy: 'fedavg'; 'fedprox' (sites add the proximal term proximal_mu/2 |w - w_global|^2); "
         "'fedadam'/'fedyogi' (server-side adaptive optimiser, see fedopt); 'fedbn' (normalisation layers stay at "
-        "each site and are never sent; the network gets affine instance norm unless train.norm says otherwise).",
+        "each site and are never sent; the network gets affine instance norm unless plan.network.norm says otherwise).",
     )
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight (used by strategy 'fedprox' only).")
     fedopt: FedOptConfig = FedOptConfig()
@@ -256,7 +284,9 @@ class FederationConfig(_Strict):
     evaluate_every: int = Field(1, ge=0, description="Sites score the global model on their held-out cases every N rounds (0 = never; otherwise also after the last round).")
     labels: dict[str, int] | None = Field(None, description="The federation's label set (default: the first site's dataset.json).")
     train: TrainConfig = TrainConfig()
-    preprocess: PreprocessConfig = PreprocessConfig()
+    plan: Plan | None = Field(None, description="The network's plan; None = planned at the start of the run from the "
+                              "sites' merged fingerprints (each site sends aggregate statistics only).")
+    planner: PlannerConfig = PlannerConfig()
     out: Path = Field(Path("runs/federated"), description="Checkpoints, history and report go here.")
     resume: bool = Field(True, description="If `out` holds an unfinished run (global_model.pt of round r < rounds, and "
                          "history.json), continue from round r+1 with its weights and history instead of starting over.")
@@ -289,9 +319,15 @@ class FederationConfig(_Strict):
     def _fedbn_needs_local_norm_parameters(self) -> "FederationConfig":
         # FedBN keeps the normalisation layers' learned parameters at each site; plain instance norm
         # has none, so 'fedbn' switches to affine instance norm (documented on `strategy`).
-        if self.strategy == "fedbn" and self.train.norm == "instance":
-            self.train = self.train.model_copy(update={"norm": "instance-affine"})
+        if self.plan is not None:
+            self.plan = self.plan_for_strategy(self.plan)
         return self
+
+    def plan_for_strategy(self, plan: Plan) -> Plan:
+        """``plan`` as this federation's strategy needs it ('fedbn': affine instance norm instead of plain)."""
+        if self.strategy == "fedbn" and plan.network.norm == "instance":
+            return plan.model_copy(update={"network": plan.network.model_copy(update={"norm": "instance-affine"})})
+        return plan
 
     @model_validator(mode="after")
     def _secure_aggregation_fits(self) -> "FederationConfig":
@@ -317,6 +353,16 @@ class FederationConfig(_Strict):
         return self
 
 
+class TrainRunConfig(_Strict):
+    """`fadal train --config train.yaml`: pooled (several sites) or local (one site) training."""
+
+    sites: list[SiteSpec] = Field(default_factory=list, description="Sites to pool (`--site` adds more).")
+    out: Path = Field(Path("runs/train"), description="model.pt, plan.json and history.json go here.")
+    train: TrainConfig = TrainConfig()
+    plan: Plan | None = Field(None, description="None = planned from the sites' fingerprints.")
+    planner: PlannerConfig = PlannerConfig()
+
+
 def load_yaml(model: type[BaseModel], path: str | Path) -> BaseModel:
     """Load and validate a YAML config; errors name the file and the offending key."""
     path = Path(path)
@@ -332,7 +378,7 @@ def load_yaml(model: type[BaseModel], path: str | Path) -> BaseModel:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise FadalInputError(f"{path}: invalid config: {problems}") from err
     # Relative paths in a config are relative to the config file, not to the shell's folder.
-    if isinstance(cfg, FederationConfig):
+    if isinstance(cfg, (FederationConfig, TrainRunConfig)):
         for site in cfg.sites:
             site.data = _rel(site.data, path.parent)
             if site.amplified is not None:

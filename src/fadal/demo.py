@@ -2,10 +2,12 @@
 
 Three training variants are compared on every site's held-out scans:
 
-* ``local``: each site alone, on its few labeled scans (as many optimiser steps as it gets in
-  the amplified federation, so the comparison is not won by training longer);
+* ``local``: each site alone, on its few labeled scans (as many optimiser steps as a site takes in
+  each federation, so the comparison is not won by training longer);
 * ``federated``: FedAvg over all sites, real labels only;
 * ``federated+amplified``: FedAvg over all sites, real labels plus multi-atlas pseudo-labels.
+
+All three use one plan, made from the phantom sites' merged fingerprints, and the one training engine.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from fadal.config import (AmplifyConfig, FederationConfig, PreprocessConfig, QCConfig, RegistrationConfig, SiteSpec,
+from fadal.config import (AmplifyConfig, FederationConfig, PlannerConfig, QCConfig, RegistrationConfig, SiteSpec,
                           TrainConfig)
+from fadal.data.site import load_site
+from fadal.plan.planner import plan_for_sites
 from fadal.data.io import write_json
 from fadal.data.phantom import make_phantom
 from fadal.pipeline import amplify_sites, evaluate_checkpoint, federate, metrics_document, train_centralised, write_run_report
@@ -28,20 +32,23 @@ class DemoSettings:
     labeled: int = 3
     unlabeled: int = 6
     test: int = 3
-    rounds: int = 12
-    local_epochs: int = 2
+    rounds: int = 10
+    local_steps: int = 20
     seed: int = 0
     evaluate_every: int = 3
     registration_resolutions: int = 3
     registration_iterations: int = 128
     registration_workers: int = 2
     quality_control: bool = True
-    spacing_mm: float = 5.0
-    channels: tuple[int, ...] = (16, 32, 64, 128)
+    #: The plan is made from the phantom sites' merged fingerprints, sized for this budget (minutes per
+    #: training run of rounds x local_steps steps).
+    plan_minutes: float = 1.5
+    spacing_mm: float | None = None  # None: the planner's choice
+    channels: tuple[int, ...] | None = None
 
 
 #: Seconds, not minutes: for tests of the whole path; its numbers mean nothing.
-QUICK = DemoSettings(sites=2, labeled=2, unlabeled=1, test=1, rounds=2, local_epochs=1, evaluate_every=1,
+QUICK = DemoSettings(sites=2, labeled=2, unlabeled=1, test=1, rounds=2, local_steps=2, evaluate_every=1,
                      registration_resolutions=2, registration_iterations=40, registration_workers=1,
                      quality_control=False,  # 40-iteration registrations: QC would reject them all
                      spacing_mm=8.0, channels=(8, 16, 32))
@@ -70,24 +77,30 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
     amplification = amplify_sites(sites, out / "amplified", amp_cfg)
     stage("amplify")
 
-    train_cfg = TrainConfig(seed=settings.seed, channels=settings.channels)
-    pre = PreprocessConfig(spacing_mm=(settings.spacing_mm,) * 3)
+    train_cfg = TrainConfig(seed=settings.seed)
+    steps = settings.rounds * settings.local_steps
+    planner = PlannerConfig(budget_minutes=settings.plan_minutes, min_steps=steps,
+                            spacing_mm=(settings.spacing_mm,) * 3 if settings.spacing_mm else None,
+                            channels=settings.channels)
+    plan = plan_for_sites([load_site(s, validate=False) for s in sites], planner)
+    write_json(plan.model_dump(mode="json"), out / "plan.json")
+    log(f"plan: spacing {plan.preprocess.spacing_mm} mm, patch {plan.patch_size} x {plan.batch_size}, "
+        f"{plan.network.architecture} {plan.network.channels}")
+    stage("plan")
     metrics: dict[str, dict] = {"local": {}, "federated": {}, "federated+amplified": {}}
-    # Local-only baseline: same number of optimiser steps as the site gets in the amplified federation.
+    # Local-only baseline: as many optimiser steps as the site gets in each federation.
     for site in sites:
-        n_amp = settings.labeled + settings.unlabeled
-        epochs = settings.rounds * settings.local_epochs * max(1, round(n_amp / settings.labeled))
         spec = SiteSpec(name=site.name, data=site)
-        ckpt = train_centralised([spec], out / "local" / site.name, train_cfg, pre, epochs=epochs)
+        ckpt = train_centralised([spec], out / "local" / site.name, train_cfg, plan, steps=steps)
         metrics["local"].update(evaluate_checkpoint(ckpt, [site]))
-        log(f"local {site.name}: {epochs} epochs")
+        log(f"local {site.name}: {steps} steps")
     stage("local")
 
     histories = {}
     for variant, use_amp in (("federated", False), ("federated+amplified", True)):
         cfg = FederationConfig(
             sites=[SiteSpec(name=s.name, data=s, amplified=out / "amplified" / s.name, use_amplified=use_amp) for s in sites],
-            rounds=settings.rounds, local_epochs=settings.local_epochs, train=train_cfg, preprocess=pre,
+            rounds=settings.rounds, local_steps=settings.local_steps, train=train_cfg, plan=plan,
             out=out / variant.replace("+", "_"), evaluate_every=settings.evaluate_every,
         )
         history = federate(cfg)
@@ -109,16 +122,15 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
 
 def _navigation_example(out: Path, site: Path, checkpoint: Path) -> tuple[list[tuple[Path, str]], str]:
     """What a surgeon's team gets for one held-out scan: label map, meshes, views, 3D viewer."""
-    from fadal.data.site import load_site
     from fadal.model.infer import load_checkpoint
     from fadal.navigation.meshes import organ_meshes
     from fadal.navigation.viewer import viewer_html
     from fadal.pipeline import predict_case
     from fadal.data.io import read_image
 
-    model, labels, pre, _ = load_checkpoint(checkpoint)
+    model, labels, plan, _ = load_checkpoint(checkpoint)
     case = load_site(site, validate=False).test[0]
-    summary = predict_case(model, labels, pre, case.image, case.case_id, out / "navigation")
+    summary = predict_case(model, labels, plan, case.image, case.case_id, out / "navigation")
     views = summary["outputs"]["views"]
     meshes = organ_meshes(read_image(summary["outputs"]["label"]), labels)
     caption = f"{site.name}/{case.case_id}, federated+amplified model"

@@ -14,12 +14,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from fadal.config import AmplifyConfig, FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
-from fadal.data.io import FadalInputError, write_json
+from fadal.config import AmplifyConfig, FederationConfig, PlannerConfig, SiteSpec, TrainConfig
+from fadal.records import Plan
+from fadal.data.io import write_json
+from fadal.errors import FadalInputError
 from fadal.data.site import load_site
 from fadal.model.infer import load_checkpoint, save_checkpoint
-from fadal.model.net import build_network, pick_device
-from fadal.model.train import make_loader, seed_everything, site_training_items, train_epochs
+from fadal.model.engine import Progress, seed_everything, train_model
+from fadal.model.net import pick_device
+from fadal.model.patches import site_training_items
 
 
 def amplify_sites(sites: Sequence[Path], out: Path, cfg: AmplifyConfig,
@@ -30,9 +33,13 @@ def amplify_sites(sites: Sequence[Path], out: Path, cfg: AmplifyConfig,
     return {Path(s).name: amplify_site(Path(s), out / Path(s).name, cfg, progress=progress) for s in sites}
 
 
-def train_centralised(sites: Sequence[SiteSpec], out: Path, train_cfg: TrainConfig, pre: PreprocessConfig,
-                      epochs: int | None = None, on_epoch: Callable[[int, float], None] | None = None) -> Path:
-    """Train one model on the pooled data of ``sites`` (one site = local-only training)."""
+def train_centralised(sites: Sequence[SiteSpec], out: Path, train_cfg: TrainConfig, plan: Plan | None = None,
+                      planner: PlannerConfig | None = None, steps: int | None = None, minutes: float | None = None,
+                      progress: Progress | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Train one model on the pooled data of ``sites`` (one site = local-only training).
+
+    Without a ``plan``, the sites' fingerprints are measured and planned (``planner``); the plan goes into
+    the checkpoint and ``out/plan.json``."""
     seed_everything(train_cfg.seed, train_cfg.num_threads)
     loaded = [load_site(s.data, name=s.name) for s in sites]
     labels = loaded[0].labels
@@ -42,23 +49,35 @@ def train_centralised(sites: Sequence[SiteSpec], out: Path, train_cfg: TrainConf
     items = [it for spec, site in zip(sites, loaded) for it in site_training_items(site, spec.amplified, spec.use_amplified)]
     if not items:
         raise FadalInputError(f"no labeled training cases in {[str(s.data) for s in sites]}")
-    num_classes = max(labels.values()) + 1
-    model = build_network(num_classes, train_cfg)
-    loader = make_loader(items, pre, num_classes, train_cfg.batch_size)
-    history: list[dict] = []
+    if plan is None:
+        from fadal.plan.planner import plan_for_sites
 
-    def log_epoch(epoch: int, loss: float) -> None:
-        history.append({"round": epoch + 1, "loss": loss})
-        if on_epoch is not None:
-            on_epoch(epoch, loss)
+        plan = plan_for_sites(loaded, planner)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(plan.model_dump(mode="json"), out / "plan.json")
+    if log is not None:
+        log(f"plan: spacing {plan.preprocess.spacing_mm} mm, patch {plan.patch_size} x {plan.batch_size}, "
+            f"{plan.network.architecture} {plan.network.channels}")
+    num_classes = max(labels.values()) + 1
+    curve: list[dict] = []  # the report's training curve: mean loss per stretch of steps ("round" = step)
+    every = max(1, (steps or train_cfg.steps) // 50) if not (minutes or train_cfg.minutes) else 25
+    window: list[float] = []
+
+    def record(step: int, total: int, loss: float, elapsed: float) -> None:
+        window.append(loss)
+        if step % every == 0:
+            curve.append({"round": step, "loss": sum(window) / len(window), "seconds": round(elapsed, 1)})
+            window.clear()
+        if progress is not None:
+            progress(step, total, loss, elapsed)
 
     start = time.perf_counter()
-    result = train_epochs(model, loader, train_cfg, epochs or train_cfg.epochs, pick_device(), on_epoch=log_epoch)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = save_checkpoint(model, out / "model.pt", labels, train_cfg, pre,
+    model, result = train_model(items, plan, train_cfg, num_classes, steps=steps, minutes=minutes, progress=record)
+    ckpt = save_checkpoint(model, out / "model.pt", labels, plan, train_cfg,
                            {"sites": [s.name for s in sites], "examples": len(items)})
-    write_json({"rounds": history, "seconds": time.perf_counter() - start, "steps": result.steps,
-                "examples": len(items)}, out / "history.json")
+    write_json({"rounds": curve, "seconds": time.perf_counter() - start, "train_seconds": result.seconds,
+                "steps": result.steps, "loss": result.loss, "stopped_by": result.stopped_by, "examples": len(items)},
+               out / "history.json")
     return ckpt
 
 
@@ -85,10 +104,10 @@ def federation_report(cfg: FederationConfig, history: dict, evaluate_sites: bool
     name = f"federated ({cfg.strategy})"
     doc: dict | None = None
     if evaluate_sites:
-        from fadal.federated.client_app import restore_local_norm
+        from fadal.federated.site_task import restore_local_norm
         from fadal.federated.simulation import site_runtimes
 
-        model, labels, pre, _ = load_checkpoint(out / "global_model.pt")
+        model, labels, plan, _ = load_checkpoint(out / "global_model.pt")
         results: dict[str, dict] = {}
         for runtime in site_runtimes(cfg):
             site = load_site(runtime.data, name=runtime.name)
@@ -98,7 +117,7 @@ def federation_report(cfg: FederationConfig, history: dict, evaluate_sites: bool
             if cfg.strategy == "fedbn":
                 site_model = copy.deepcopy(model)
                 restore_local_norm(site_model, runtime)
-            results[runtime.name] = evaluate_model_on_cases(site_model, site, site.test, pre, pick_device(),
+            results[runtime.name] = evaluate_model_on_cases(site_model, site, site.test, plan, pick_device(),
                                                             out / "predictions" / runtime.name)
         if results:
             doc = metrics_document({name: results})
@@ -119,7 +138,7 @@ def evaluate_checkpoint(checkpoint: Path, sites: Sequence[Path], out: Path | Non
     """Score a checkpoint on each site's held-out cases (run at each site in a real federation)."""
     from fadal.evaluate.evaluate import evaluate_model_on_cases
 
-    model, labels, pre, _ = load_checkpoint(checkpoint)
+    model, labels, plan, _ = load_checkpoint(checkpoint)
     results: dict[str, dict] = {}
     for path in sites:
         site = load_site(path)
@@ -128,7 +147,7 @@ def evaluate_checkpoint(checkpoint: Path, sites: Sequence[Path], out: Path | Non
         if not site.test:
             raise FadalInputError(f"{path}: no held-out cases (imagesTs/ + labelsTs/) to evaluate on")
         save = out / "predictions" / site.name if out is not None else None
-        results[site.name] = evaluate_model_on_cases(model, site, site.test, pre, pick_device(), save, progress)
+        results[site.name] = evaluate_model_on_cases(model, site, site.test, plan, pick_device(), save, progress)
     return results
 
 
@@ -144,7 +163,7 @@ class ExportOptions:
     dicom_seg: bool = True  # only for DICOM-series inputs
 
 
-def predict_case(model: torch.nn.Module, labels: dict[str, int], pre: PreprocessConfig, source: Path, case_id: str,
+def predict_case(model: torch.nn.Module, labels: dict[str, int], plan: Plan, source: Path, case_id: str,
                  out: Path, options: ExportOptions | None = None, series_uid: str | None = None) -> dict:
     """Segment one CT and export what navigation needs; ``out/<case>/summary.json`` is written last.
 
@@ -161,7 +180,7 @@ def predict_case(model: torch.nn.Module, labels: dict[str, int], pre: Preprocess
     image = read_image(source, series_uid)
     timings["read"] = time.perf_counter() - t
     t = time.perf_counter()
-    label, _ = predict_image(model, image, pre, pick_device())
+    label, _ = predict_image(model, image, plan, pick_device())
     timings["network"] = time.perf_counter() - t
     t = time.perf_counter()
     if options.largest_component or options.fill_holes:

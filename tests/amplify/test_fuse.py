@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from fadal.amplify.fuse import fuse_files, fused_classes, local_log_weights, majority_vote, staple_fusion, weighted_vote
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 
 
 def test_full_annotation_majority_and_confidence():

@@ -12,7 +12,7 @@ import torch
 from fadal.amplify import learned
 from fadal.amplify.pipeline import amplify_site
 from fadal.config import AmplifyConfig, LearnedRegistrationConfig, RegistrationConfig
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning", "ignore::UserWarning")
 

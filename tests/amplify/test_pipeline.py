@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from fadal.amplify.pipeline import _list_cases, amplify_site
 from fadal.config import AmplifyConfig
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")  # SWIG, on importing itk
 
@@ -97,7 +97,7 @@ def test_failed_atlas_excluded_and_unregistrable_scan_rejected(tmp_path, phantom
     body at all (every atlas fails on it: rejected, no label file, skipped by training)."""
     from fadal.data.site import load_site
     from fadal.demo import _amplification_row
-    from fadal.model.train import site_training_items
+    from fadal.model.patches import site_training_items
 
     site, out = tmp_path / "site", tmp_path / "out"
     _write_site(site, phantom)

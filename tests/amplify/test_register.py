@@ -17,7 +17,8 @@ from fadal.amplify.register import (
     register_many,
     registration_failure,
 )
-from fadal.data.io import FadalInputError, resample_like
+from fadal.data.io import resample_like
+from fadal.errors import FadalInputError
 
 pytestmark = [
     pytest.mark.usefixtures("one_itk_thread"),

@@ -12,13 +12,17 @@ import torch
 from fadal.amplify.qc import OrganReference
 from fadal.amplify.selftrain import SelfTrainSite, check_refined, refine_label, selftrain
 from fadal.amplify.synthesize import LearnedTransform, SyntheticPairs, _normalised, _world_points, prepare
-from fadal.config import PreprocessConfig, SelfTrainConfig, TrainConfig
+from fadal.config import AugmentConfig, SelfTrainConfig, TrainConfig
+from fadal.records import PreprocessConfig
 from fadal.data.io import read_image, same_geometry
 from fadal.data.site import load_site
-from fadal.model.train import make_loader, provenance_qc_accepted, site_training_items
+from fadal.model.engine import make_sampler
+from fadal.model.patches import provenance_qc_accepted, site_training_items
+from fadal_testing import tiny_plan
 
 PRE = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0))
-TINY = TrainConfig(channels=(4, 8), lr=1e-2, num_threads=1)
+PLAN = tiny_plan((4, 8), spacing_mm=4.0)
+TINY = TrainConfig(lr=1e-2, num_threads=1)
 
 
 def test_refine_label_keeps_agreement_and_confident_model_voxels():
@@ -86,7 +90,7 @@ def test_selftrain_one_round_writes_refined_labels_in_scan_geometry(tiny_site, t
     # The QC-rejected fused label never reaches training.
     assert len(site_training_items(site, amp, True)) == 3
     out = tmp_path / "selftrain"
-    result = selftrain([SelfTrainSite(site, amp)], out, TINY, PRE, SelfTrainConfig(rounds=1), steps=6)
+    result = selftrain([SelfTrainSite(site, amp)], out, TINY, PLAN, SelfTrainConfig(rounds=1), steps=6)
     assert [h["round"] for h in result.rounds] == [0, 1] and (out / "model.pt").exists()
     refined = out / "round_1" / site.name
     image = read_image(site.unlabeled[0].image)
@@ -103,7 +107,8 @@ def test_selftrain_one_round_writes_refined_labels_in_scan_geometry(tiny_site, t
     assert summary["per_case"]["case_009"] == {"skipped": "fusion QC rejected this scan"}
 
 
-def test_make_loader_mixes_in_synthetic_pairs(tiny_site):
+def test_patches_mix_in_synthetic_pairs(tiny_site):
+    """Synthetic pairs are drawn in proportion to their length and patched like the real volumes."""
     site = load_site(tiny_site)
     case = site.labeled[0]
     atlas = prepare(case.case_id, case.image, PRE, case.label, site.annotated_ids(case))
@@ -111,12 +116,22 @@ def test_make_loader_mixes_in_synthetic_pairs(tiny_site):
     grid = _normalised(torch.as_tensor(_world_points(atlas.image.shape, atlas.affine)), atlas.affine, atlas.image.shape)
     t = LearnedTransform("self", grid.half(), atlas.affine, torch.zeros_like(atlas.image).half(), 0.0, 1.0, 1.0, 0.0)
     pairs = SyntheticPairs([atlas], [[t]], site.num_classes, length=50)
-    loader = make_loader(site_training_items(site), PRE, site.num_classes, extra=[pairs], num_samples=8)
-    batches = list(loader)
-    assert len(batches) == 8
-    assert sum(b["version"][0] == "synthetic" for b in batches) >= 4  # 50 of 52 items are synthetic
-    syn = next(b for b in batches if b["version"][0] == "synthetic")
-    real = next((b for b in batches if b["version"][0] != "synthetic"), None)
-    assert syn["known"].shape == (1, site.num_classes) and syn["image"].shape[:2] == (1, 1)
-    if real is not None:
-        assert syn["image"].shape == real["image"].shape  # same grid as the (identically sampled) real item
+
+    class Counted(torch.utils.data.Dataset):
+        calls = 0
+
+        def __len__(self):
+            return len(pairs)
+
+        def __getitem__(self, i):
+            Counted.calls += 1
+            return pairs[i]
+
+    cfg = TrainConfig(augment=AugmentConfig(enabled=False))
+    sampler = make_sampler(site_training_items(site), PLAN, cfg, site.num_classes, extra=[Counted()])
+    assert len(sampler) == 52  # 2 real volumes + 50 synthetic draws
+    for _ in range(40):
+        patch = sampler.draw()
+        assert patch["image"].shape == (1, *PLAN.patch_size) and patch["known"].shape == (site.num_classes,)
+        assert set(torch.unique(patch["label"]).tolist()) <= {0, 1, 2}
+    assert Counted.calls >= 30  # 50 of 52 items are synthetic

@@ -9,7 +9,8 @@ import torch
 
 from fadal.amplify.synthesize import (SyntheticPairs, _normalised, _sample, _world_points, build_synthesizer,
                                       prepare, synthesize)
-from fadal.config import PreprocessConfig, SynthesisConfig
+from fadal.config import SynthesisConfig
+from fadal.records import PreprocessConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")  # SWIG, on importing itk
 
@@ -122,7 +123,7 @@ def test_sampler_draws_differ_and_transforms_are_cached(tmp_path, phantom, fast_
 
 
 def test_sampler_without_usable_transform_is_an_error():
-    from fadal.data.io import FadalInputError
+    from fadal.errors import FadalInputError
 
     with pytest.raises(FadalInputError, match="no usable transform"):
         SyntheticPairs([], [], num_classes=2, length=1)

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from fadal.data.dicom import read_dicom_series
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 
 
 def _copy_series(src, dest, series_uid=None, modality=None, skip=()):

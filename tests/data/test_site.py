@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from fadal_testing import LABELS, make_volume, write_site
-from fadal.data.io import FadalInputError, read_image, write_image
+from fadal.data.io import read_image, write_image
+from fadal.errors import FadalInputError
 from fadal.data.site import load_site
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 from fadal.evaluate.metrics import organ_metrics, summarize
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}

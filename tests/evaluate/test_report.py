@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 from fadal.evaluate.report import comparison_table, write_report
 
 METRICS = {

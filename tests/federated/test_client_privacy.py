@@ -8,19 +8,21 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fadal_testing import LABELS, write_site
-from fadal.config import PreprocessConfig, TrainConfig
-from fadal.federated.client_app import ALLOWED_METRICS, SiteRuntime, local_evaluate, local_train, reply
+from fadal_testing import LABELS, tiny_plan, write_site
+from fadal.config import TrainConfig
+from fadal.federated.site_task import (ALLOWED_METRICS, SiteRuntime, local_evaluate, local_fingerprint, local_train,
+                                        reply)
+from fadal.records import Fingerprint
 from fadal.model.net import build_network
 
-TINY = TrainConfig(channels=(4, 8), epochs=1)
-PRE = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0))
+TINY = TrainConfig()
+PLAN = tiny_plan((4, 8), spacing_mm=4.0)
 
 
 def _message(model, labels=LABELS, message_type="train") -> Message:
     config = ConfigRecord({
-        "local-epochs": 1, "server-round": 1, "train-config": TINY.model_dump_json(),
-        "preprocess-config": PRE.model_dump_json(), "labels": json.dumps(labels),
+        "local-steps": 2, "server-round": 1, "train-config": TINY.model_dump_json(),
+        "plan": PLAN.model_dump_json(), "labels": json.dumps(labels),
     })
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": config}),
                    dst_node_id=1, message_type=message_type)
@@ -45,7 +47,7 @@ def _assert_only_arrays_and_scalars(reply_msg: Message, model, expect_arrays: bo
 def test_train_reply_holds_only_model_arrays_and_scalar_metrics(tmp_path):
     site = write_site(tmp_path / "site", n_labeled=2, n_unlabeled=1, n_test=1)
     runtime = SiteRuntime("s", site, None, False, tmp_path / "cache")
-    model = build_network(3, TINY)
+    model = build_network(3, PLAN.network)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = local_train(_message(model), runtime)
     _assert_only_arrays_and_scalars(out, model, expect_arrays=True)
@@ -60,24 +62,43 @@ def test_train_reply_holds_only_model_arrays_and_scalar_metrics(tmp_path):
 def test_evaluate_reply_holds_only_scalar_metrics(tmp_path):
     site = write_site(tmp_path / "site", n_labeled=1, n_unlabeled=0, n_test=1)
     runtime = SiteRuntime("s", site, None, False, tmp_path / "cache")
-    model = build_network(3, TINY)
+    model = build_network(3, PLAN.network)
     out = local_evaluate(_message(model, message_type="evaluate"), runtime)
     _assert_only_arrays_and_scalars(out, model, expect_arrays=False)
     assert "dice-mean" in out.content["metrics"]
 
 
 def test_reply_refuses_non_allowlisted_metric():
-    model = build_network(3, TINY)
+    model = build_network(3, PLAN.network)
     with pytest.raises(ValueError, match="non-allow-listed"):
         reply(_message(model), {"case_000-volume": 1.0})
 
 
 def test_label_set_mismatch_is_a_clear_error(tmp_path):
-    from fadal.data.io import FadalInputError
+    from fadal.errors import FadalInputError
 
     site = write_site(tmp_path / "site", n_labeled=1, n_unlabeled=0, n_test=0)
     runtime = SiteRuntime("s", site, None, False, tmp_path / "cache")
     labels = {"background": 0, "liver": 1, "spleen": 2}
-    model = build_network(3, TINY)
+    model = build_network(3, PLAN.network)
     with pytest.raises(FadalInputError, match="label-set mismatch"):
         local_train(_message(model, labels=labels), runtime)
+
+
+def test_fingerprint_reply_holds_aggregate_statistics_only(tmp_path):
+    """The planning query is answered with one validated Fingerprint record: no case id, no path, no
+    per-case list (spacing and extent as percentiles, HU pooled, organ volumes as a range)."""
+    site = write_site(tmp_path / "site", n_labeled=3, n_unlabeled=2, n_test=1)
+    runtime = SiteRuntime("s", site, None, False, tmp_path / "cache")
+    query = Message(RecordDict({"config": ConfigRecord({"task": "fingerprint", "labels": json.dumps(LABELS)})}),
+                    dst_node_id=1, message_type="query")
+    out = local_fingerprint(query, runtime)
+    assert set(out.content.keys()) == {"fingerprint"}
+    record = out.content["fingerprint"]
+    assert set(record.keys()) == {"fingerprint"}
+    text = str(record["fingerprint"])
+    fp = Fingerprint.model_validate_json(text)  # exactly the record's fields, nothing more
+    assert fp.scans == 5 and fp.labeled_scans == 3  # the held-out scan is not measured
+    assert fp.spacing_mm.p50 == (2.0, 2.0, 3.0)
+    assert set(fp.organ_volume_ml) == {"organA", "organB"}
+    assert "case_" not in text and str(tmp_path) not in text

@@ -10,14 +10,15 @@ import torch
 from flwr.app import ArrayRecord
 
 from fadal_testing import LABELS, write_site
-from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
-from fadal.federated.client_app import SiteRuntime, local_train
-from fadal.federated.server_app import train_config_record
+from fadal.config import FederationConfig, SiteSpec, TrainConfig
+from fadal_testing import tiny_plan
+from fadal.federated.site_task import SiteRuntime, local_train
+from fadal.federated.rounds import train_config_record
 from fadal.model.losses import ConditionalDistillationLoss
 from fadal.model.net import build_network
 
-TINY = TrainConfig(channels=(4, 8), seed=2)
-PRE = PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0))
+TINY = TrainConfig(seed=2)
+PLAN = tiny_plan((4, 8), spacing_mm=8.0)
 
 
 def _batch(seed=0):
@@ -108,7 +109,7 @@ def partial_site(root, n_labeled=2, n_test=1):
 def _train_message(cfg: FederationConfig, model):
     from flwr.app import Message, RecordDict
 
-    record = train_config_record(cfg, LABELS)
+    record = train_config_record(cfg, LABELS, cfg.plan)
     record["server-round"] = 1
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": record}),
                    dst_node_id=1, message_type="train")
@@ -118,10 +119,10 @@ def test_condist_changes_training_only_where_organs_are_missing(tmp_path):
     partial = partial_site(tmp_path / "partial")
     full = write_site(tmp_path / "full", n_labeled=2, n_unlabeled=0, n_test=0)
     torch.manual_seed(0)
-    model = build_network(3, TINY)
+    model = build_network(3, PLAN.network)
     out = {}
     for mode in ("marginal", "condist"):
-        cfg = FederationConfig(sites=[SiteSpec(name="p", data=partial)], train=TINY, preprocess=PRE,
+        cfg = FederationConfig(sites=[SiteSpec(name="p", data=partial)], train=TINY, plan=PLAN,
                                partial_label_mode=mode, distill_weight=5.0)
         for name, path in (("partial", partial), ("full", full)):
             runtime = SiteRuntime(name, path, None, False, tmp_path / f"cache_{name}_{mode}")
@@ -140,8 +141,8 @@ def test_condist_federation_two_rounds(tmp_path):
 
     sites = [write_site(tmp_path / "full", n_labeled=2, n_unlabeled=0, n_test=1), partial_site(tmp_path / "partial")]
     cfg = FederationConfig(
-        sites=[SiteSpec(name=p.name, data=p) for p in sites], rounds=2, local_epochs=1, train=TINY,
-        preprocess=PRE, partial_label_mode="condist", distill_weight=1.0, evaluate_every=2, out=tmp_path / "run",
+        sites=[SiteSpec(name=p.name, data=p) for p in sites], rounds=2, local_steps=2, train=TINY,
+        plan=PLAN, partial_label_mode="condist", distill_weight=1.0, evaluate_every=2, out=tmp_path / "run",
     )
     history = simulate(cfg)
     rounds = [r for r in history["rounds"] if "loss" in r]

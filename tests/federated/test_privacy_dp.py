@@ -11,9 +11,10 @@ import torch
 from flwr.app import ArrayRecord
 
 from fadal_testing import LABELS, write_site
-from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
-from fadal.federated.client_app import ALLOWED_METRICS, privatise_update
-from fadal.federated.server_app import train_config_record
+from fadal.config import FederationConfig, SiteSpec, TrainConfig
+from fadal_testing import tiny_plan
+from fadal.federated.site_task import ALLOWED_METRICS, privatise_update
+from fadal.federated.rounds import train_config_record
 from fadal.federated.strategies import (
     GaussianRdpAccountant,
     build_strategy,
@@ -22,8 +23,8 @@ from fadal.federated.strategies import (
 )
 from fadal.model.net import build_network, norm_state_keys
 
-TINY = TrainConfig(channels=(4, 8), seed=4)
-PRE = PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0))
+TINY = TrainConfig(seed=4)
+PLAN = tiny_plan((4, 8), spacing_mm=8.0)
 
 
 def exact_gaussian_epsilon(sigma: float, releases: int, delta: float) -> float:
@@ -111,17 +112,17 @@ def test_privatise_update_clips_to_the_norm_and_adds_calibrated_noise():
 def test_dp_rounds_report_epsilon_per_site(tmp_path):
     from test_strategies import Sites, drive_round
 
-    from fadal.federated.client_app import SiteRuntime
+    from fadal.federated.site_task import SiteRuntime
 
     paths = [write_site(tmp_path / f"site_{k}", n_labeled=1, n_unlabeled=0, n_test=0) for k in range(2)]
     sites = Sites({11 + k: SiteRuntime(f"s{k}", p, None, False, tmp_path / f"c{k}") for k, p in enumerate(paths)})
     cfg = FederationConfig(sites=[SiteSpec(name=f"s{k}", data=p) for k, p in enumerate(paths)], train=TINY,
-                           preprocess=PRE, dp_clip=0.5, dp_noise_multiplier=1.5, dp_delta=1e-6, out=tmp_path / "run")
+                           plan=PLAN, dp_clip=0.5, dp_noise_multiplier=1.5, dp_delta=1e-6, out=tmp_path / "run")
     history: dict = {}
     strategy = build_strategy(cfg, 2, history)
-    model = build_network(3, TINY)
+    model = build_network(3, PLAN.network)
     arrays = ArrayRecord(model.state_dict())
-    record = train_config_record(cfg, LABELS)
+    record = train_config_record(cfg, LABELS, cfg.plan)
     for rnd in (1, 2, 3):
         before = arrays.to_torch_state_dict()
         _, replies, arrays, _ = drive_round(strategy, rnd, arrays, record, sites)
@@ -172,7 +173,7 @@ def test_every_message_a_site_sends_holds_only_arrays_and_allowed_scalars(tmp_pa
     import fadal.federated.simulation as simulation
     from flwr.clientapp import ClientApp
 
-    from fadal.federated.client_app import local_evaluate, local_train
+    from fadal.federated.site_task import local_evaluate, local_train
 
     record_dir = tmp_path / "sent"
 
@@ -192,14 +193,14 @@ def test_every_message_a_site_sends_holds_only_arrays_and_allowed_scalars(tmp_pa
     monkeypatch.setattr(simulation, "build_client_app", recording_client_app)
     paths = [write_site(tmp_path / f"site_{k}", n_labeled=2, n_unlabeled=0, n_test=1) for k in range(2)]
     cfg = FederationConfig(sites=[SiteSpec(name=f"site_{k}", data=p) for k, p in enumerate(paths)], rounds=2,
-                           train=TINY, preprocess=PRE, strategy="fedbn", transfer_dtype="float16", dp_clip=1.0,
+                           train=TINY, plan=PLAN, strategy="fedbn", transfer_dtype="float16", dp_clip=1.0,
                            dp_noise_multiplier=1.0, partial_label_mode="condist", evaluate_every=1,
                            out=tmp_path / "run")
     history = simulation.simulate(cfg)
     assert history["rounds"][-1]["epsilon"] > 0
 
-    model_keys = set(build_network(3, cfg.train).state_dict())
-    norm = set(norm_state_keys(build_network(3, cfg.train)))
+    model_keys = set(build_network(3, cfg.plan.network).state_dict())
+    norm = set(norm_state_keys(build_network(3, cfg.plan.network)))
     sent = [json.loads(p.read_text()) for p in sorted(record_dir.glob("*.json"))]
     kinds = sorted(d["type"] for d in sent)
     assert kinds.count("train") == 4 and kinds.count("evaluate") == 4  # 2 sites x 2 rounds each

@@ -14,27 +14,29 @@ from flwr.server.workflow.secure_aggregation import secaggplus_workflow
 from pydantic import ValidationError
 
 from fadal_testing import write_site
-from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
-from fadal.federated.client_app import SiteRuntime, local_train
-from fadal.federated.server_app import train_config_record
+from fadal.config import FederationConfig, SiteSpec, TrainConfig
+from fadal_testing import tiny_plan
+from fadal.federated.site_task import SiteRuntime, local_train
+from fadal.federated.rounds import train_config_record
 from fadal.federated.simulation import federation_labels, simulate
 from fadal.model.infer import load_checkpoint
 from fadal.model.net import build_network
-from fadal.model.train import seed_everything
+from fadal.model.engine import seed_everything
 
-TRAIN = TrainConfig(channels=(4, 8, 16), seed=5, num_threads=1)
+TRAIN = TrainConfig(seed=5, num_threads=1)
+PLAN = tiny_plan((4, 8, 16), spacing_mm=4.0)
 
 
 def _cfg(tmp_path, n_labeled=(1, 2, 3), **kw) -> FederationConfig:
     sites = [write_site(tmp_path / f"site_{k}", n_labeled=n, n_unlabeled=0, n_test=1) for k, n in enumerate(n_labeled)]
     return FederationConfig(sites=[SiteSpec(name=f"site_{k}", data=p) for k, p in enumerate(sites)], rounds=2,
-                            train=TRAIN, preprocess=PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)), evaluate_every=2,
+                            train=TRAIN, plan=PLAN, evaluate_every=2,
                             out=tmp_path / "run", **kw)
 
 
 def _site_round1(cfg: FederationConfig, labels: dict[str, int], initial: dict, k: int, tmp_path) -> tuple[dict, int]:
     """What site ``k`` trains in round 1 from the initial model, run here in the open (the reference)."""
-    config = train_config_record(cfg, labels)
+    config = train_config_record(cfg, labels, cfg.plan)
     config["server-round"] = 1
     msg = Message(RecordDict({"arrays": ArrayRecord(initial), "config": config}), dst_node_id=1, message_type="train")
     site = cfg.sites[k]
@@ -62,7 +64,7 @@ def test_secagg_three_sites_weighted_mean_and_masked(tmp_path, monkeypatch):
     # The reference: each site's round-1 model trained here from the same initial model.
     labels = federation_labels(cfg)
     seed_everything(cfg.train.seed)
-    initial = build_network(max(labels.values()) + 1, cfg.train).state_dict()
+    initial = build_network(max(labels.values()) + 1, cfg.plan.network).state_dict()
     sites = [_site_round1(cfg, labels, initial, k, tmp_path) for k in range(3)]
     total = sum(n for _, n in sites)
     expected = {key: sum(n * s[key].double() for s, n in sites) / total for key in initial}
@@ -106,7 +108,7 @@ def _legacy_train_message(cfg: FederationConfig, labels: dict[str, int], initial
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
     from flwr.compat.common import recorddict_compat as compat
 
-    config = {**dict(train_config_record(cfg, labels)), "server-round": 1, "secagg-clipping-range": clip,
+    config = {**dict(train_config_record(cfg, labels, cfg.plan)), "server-round": 1, "secagg-clipping-range": clip,
               "secagg-max-weight": 100.0}
     params = ndarrays_to_parameters([v.numpy() for v in initial.values()])
     content = compat.fitins_to_recorddict(FitIns(params, config), keep_input=True)
@@ -120,15 +122,15 @@ def test_secure_train_replies_fitres_and_refuses_clipping(tmp_path):
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from fadal.data.io import FadalInputError
-    from fadal.federated.client_app import ALLOWED_METRICS
+    from fadal.errors import FadalInputError
+    from fadal.federated.site_task import ALLOWED_METRICS
     from fadal.federated.secure_aggregation import is_secure_train, secure_train
 
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, n_labeled=(2, 2))
     labels = federation_labels(cfg)
     seed_everything(cfg.train.seed)
-    initial = build_network(max(labels.values()) + 1, cfg.train).state_dict()
+    initial = build_network(max(labels.values()) + 1, cfg.plan.network).state_dict()
     runtime = SiteRuntime("site_0", cfg.sites[0].data, None, False, tmp_path / "cache")
     msg = _legacy_train_message(cfg, labels, initial, clip=8.0)
     assert is_secure_train(msg)

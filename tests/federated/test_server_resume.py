@@ -15,8 +15,9 @@ from flwr.app import Error, Message, MessageType
 from flwr.serverapp import Grid
 
 from fadal_testing import LABELS, write_site
-from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
-from fadal.federated.client_app import SiteRuntime, local_evaluate, local_train
+from fadal.config import FederationConfig, SiteSpec, TrainConfig
+from fadal_testing import tiny_plan
+from fadal.federated.site_task import SiteRuntime, local_evaluate, local_train
 from fadal.federated.server_app import run_federation
 
 
@@ -64,7 +65,7 @@ def _setup(tmp_path, n_sites: int, **overrides) -> tuple[FederationConfig, list[
     paths = [write_site(tmp_path / f"site_{k}", n_labeled=1, n_unlabeled=0, n_test=1) for k in range(n_sites)]
     cfg = FederationConfig(
         sites=[SiteSpec(name=p.name, data=p) for p in paths], rounds=1, evaluate_every=0,
-        train=TrainConfig(channels=(4, 8), num_threads=1), preprocess=PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)),
+        train=TrainConfig(num_threads=1), plan=tiny_plan((4, 8), spacing_mm=4.0),
         out=tmp_path / "run", **overrides,
     )
     return cfg, [SiteRuntime(p.name, p, None, False, tmp_path / "cache" / p.name) for p in paths]

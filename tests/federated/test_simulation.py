@@ -1,5 +1,5 @@
-"""A real Flower simulation through `fadal federate`: 2 sites, 2 rounds, checkpoints every round,
-weights change, and the run's report scores each site's held-out cases."""
+"""A real Flower simulation through `fadal federate`: 2 sites, the plan made from their fingerprints (a
+query round), 2 rounds, checkpoints every round, weights change, and the report scores each site's held-out cases."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fadal_testing import write_site
-from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
+from fadal.config import FederationConfig, PlannerConfig, SiteSpec, TrainConfig
 from fadal.model.infer import load_checkpoint
 from fadal.model.net import build_network
 
@@ -19,11 +19,11 @@ def test_two_sites_two_rounds_change_global_weights(tmp_path):
     from fadal.cli import app
 
     sites = [write_site(tmp_path / f"site_{k}", n_labeled=2, n_unlabeled=0, n_test=1) for k in range(2)]
-    train = TrainConfig(channels=(4, 8, 16), seed=3)
+    train = TrainConfig(seed=3)
     cfg = FederationConfig(
         sites=[SiteSpec(name=f"site_{k}", data=p) for k, p in enumerate(sites)],
-        rounds=2, local_epochs=1, train=train, preprocess=PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)),
-        out=tmp_path / "run",
+        rounds=2, local_steps=3, train=train, out=tmp_path / "run",
+        planner=PlannerConfig(channels=(4, 8, 16), patch_size=(16, 16, 16), spacing_mm=(4.0, 4.0, 4.0)),
     )
     (tmp_path / "fl.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     result = CliRunner().invoke(app, ["federate", "--config", str(tmp_path / "fl.yaml")])
@@ -38,13 +38,17 @@ def test_two_sites_two_rounds_change_global_weights(tmp_path):
     for r in (1, 2):
         assert (tmp_path / "run" / "checkpoints" / f"round_{r:03d}.pt").exists()
 
+    # The plan came from both sites' fingerprints (aggregate statistics) and went into every checkpoint.
+    model, labels, plan, ckpt = load_checkpoint(tmp_path / "run" / "global_model.pt")
+    assert plan.fingerprint is not None and plan.fingerprint.sites == 2 and plan.fingerprint.labeled_scans == 4
+    assert plan.network.channels == (4, 8, 16) and plan.patch_size == (16, 16, 16)
+    assert json.loads((tmp_path / "run" / "plan.json").read_text()) == plan.model_dump(mode="json")
+
     # The initial global model is what the server built from the seed: the result must differ.
-    torch.manual_seed(0)
-    from fadal.model.train import seed_everything
+    from fadal.model.engine import seed_everything
 
     seed_everything(train.seed)
-    initial = build_network(3, train).state_dict()
-    model, labels, _, ckpt = load_checkpoint(tmp_path / "run" / "global_model.pt")
+    initial = build_network(3, plan.network).state_dict()
     assert ckpt["round"] == 2 and labels["organA"] == 1
     final = model.state_dict()
     changed = [k for k in final if not torch.allclose(final[k], initial[k])]

@@ -13,14 +13,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 
 from fadal_testing import LABELS, write_site
-from fadal.config import FederationConfig, PreprocessConfig, SiteSpec, TrainConfig
-from fadal.federated.client_app import SiteRuntime, local_norm_path, local_train
-from fadal.federated.server_app import train_config_record
+from fadal.config import FederationConfig, SiteSpec, TrainConfig
+from fadal_testing import tiny_plan
+from fadal.federated.site_task import SiteRuntime, local_norm_path, local_train
+from fadal.federated.rounds import train_config_record
 from fadal.federated.strategies import RecordingMixin, build_strategy
 from fadal.model.net import build_network, norm_state_keys
 
-TINY = TrainConfig(channels=(4, 8), seed=1)
-PRE = PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0))
+TINY = TrainConfig(seed=1)
+PLAN = tiny_plan((4, 8), spacing_mm=8.0)
 
 
 class FakeGrid:
@@ -33,7 +34,8 @@ class FakeGrid:
 
 def fed_config(tmp_path, sites, **kw) -> FederationConfig:
     return FederationConfig(sites=[SiteSpec(name=f"s{k}", data=p) for k, p in enumerate(sites)],
-                            train=kw.pop("train", TINY), preprocess=PRE, out=tmp_path / "run", **kw)
+                            train=kw.pop("train", TINY), plan=kw.pop("plan", PLAN), out=tmp_path / "run",
+                            local_steps=kw.pop("local_steps", 2), **kw)
 
 
 def drive_round(strategy, server_round: int, arrays: ArrayRecord, record: ConfigRecord, answer) -> tuple:
@@ -68,14 +70,14 @@ def test_build_strategy_uses_flowers_strategy_with_recording(tmp_path, name, cls
                      fedopt={"eta": 0.03, "tau": 1e-4})
     strategy = build_strategy(cfg, 2, {})
     assert isinstance(strategy, cls) and isinstance(strategy, RecordingMixin)
-    record = train_config_record(cfg, LABELS)
+    record = train_config_record(cfg, LABELS, cfg.plan)
     assert record["proximal-mu"] == (0.05 if name == "fedprox" else 0.0)
     assert record["local-norm"] == (name == "fedbn")
     if name == "fedbn":
-        assert cfg.train.norm == "instance-affine"  # FedBN needs norm layers with parameters
-        assert strategy.local_keys == set(norm_state_keys(build_network(3, cfg.train))) != set()
+        assert cfg.plan.network.norm == "instance-affine"  # FedBN needs norm layers with parameters
+        assert strategy.local_keys == set(norm_state_keys(build_network(3, cfg.plan.network))) != set()
     else:
-        assert cfg.train.norm == "instance" and not strategy.local_keys
+        assert cfg.plan.network.norm == "instance" and not strategy.local_keys
     if name in ("fedadam", "fedyogi"):
         assert strategy.eta == 0.03 and strategy.tau == 1e-4
 
@@ -90,7 +92,7 @@ def test_fedavg_weights_by_num_examples_and_records_bytes(tmp_path):
     history: dict = {}
     cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"])
     strategy = build_strategy(cfg, 2, history)
-    model = build_network(3, TINY)
+    model = build_network(3, PLAN.network)
     answer = lambda node, msg: _constant_reply(msg, 1.0 if node == 7 else 5.0, 1 if node == 7 else 3)  # noqa: E731
     answer.nodes = [7, 8]
     messages, _, arrays, metrics = drive_round(strategy, 1, ArrayRecord(model.state_dict()), ConfigRecord(), answer)
@@ -108,7 +110,7 @@ def test_server_optimisers_step_from_the_global_model(tmp_path, name):
     history: dict = {}
     cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"], strategy=name, fedopt={"eta": 0.01})
     strategy = build_strategy(cfg, 2, history)
-    model = build_network(3, TINY)
+    model = build_network(3, PLAN.network)
     glob = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     answer = lambda node, msg: _constant_reply(msg, 0.0, 1)  # noqa: E731 - every site moved every weight to 0
     answer.nodes = [1, 2]
@@ -127,8 +129,8 @@ def test_float16_transfer_halves_upload_and_server_averages_in_float32(tmp_path)
     history: dict = {}
     cfg = fed_config(tmp_path, [tmp_path / "site_0", tmp_path / "site_1"], transfer_dtype="float16")
     strategy = build_strategy(cfg, 2, history)
-    model = build_network(3, TINY)
-    record = train_config_record(cfg, LABELS)
+    model = build_network(3, PLAN.network)
+    record = train_config_record(cfg, LABELS, cfg.plan)
     sent = {}  # what each site put on the wire (the server converts replies in place when aggregating)
 
     def answer(node, msg):
@@ -155,9 +157,9 @@ def test_fedbn_norm_layers_stay_at_each_site(tmp_path):
     history: dict = {}
     cfg = fed_config(tmp_path, [tmp_path / "site_0", tmp_path / "site_1"], strategy="fedbn")
     strategy = build_strategy(cfg, 2, history)
-    model = build_network(3, cfg.train)
+    model = build_network(3, cfg.plan.network)
     norm = set(norm_state_keys(model))
-    record = train_config_record(cfg, LABELS)
+    record = train_config_record(cfg, LABELS, cfg.plan)
     arrays = ArrayRecord(model.state_dict())
     saved = {}
     for rnd in (1, 2):
@@ -187,17 +189,17 @@ def test_fedbn_norm_layers_stay_at_each_site(tmp_path):
 
 def test_fedbn_round_two_restores_the_sites_norm_layers(tmp_path, monkeypatch):
     """Round 2 of a FedBN site starts from the norm layers it saved, not from the init or the server's."""
-    import fadal.federated.client_app as client_app
+    import fadal.federated.site_task as site_task
 
     _, sites = two_sites(tmp_path)
     cfg = fed_config(tmp_path, [tmp_path / "site_0", tmp_path / "site_1"], strategy="fedbn")
     strategy = build_strategy(cfg, 2, {})
-    model = build_network(3, cfg.train)
-    record = train_config_record(cfg, LABELS)
+    model = build_network(3, cfg.plan.network)
+    record = train_config_record(cfg, LABELS, cfg.plan)
     _, _, arrays, _ = drive_round(strategy, 1, ArrayRecord(model.state_dict()), record, sites)
     round1 = {n: torch.load(local_norm_path(rt), weights_only=True)["state"] for n, rt in sites.runtimes.items()}
     seen, current = {}, []
-    real = client_app.train_epochs
+    real = site_task.fit
 
     def spy(model, *args, **kwargs):
         seen[current[-1]] = {k: v.clone() for k, v in model.state_dict().items() if k in round1[101]}
@@ -208,7 +210,7 @@ def test_fedbn_round_two_restores_the_sites_norm_layers(tmp_path, monkeypatch):
         return sites(node, msg)
 
     answer.nodes = sites.nodes
-    monkeypatch.setattr(client_app, "train_epochs", spy)
+    monkeypatch.setattr(site_task, "fit", spy)
     drive_round(strategy, 2, arrays, record, answer)
     assert set(seen) == {101, 102}
     for node in sites.nodes:
@@ -218,7 +220,7 @@ def test_fedbn_round_two_restores_the_sites_norm_layers(tmp_path, monkeypatch):
     msg = Message(RecordDict({"arrays": strategy._shared(arrays), "config": record}), dst_node_id=101,
                   message_type="evaluate")
     record["server-round"] = 1
-    evaluated = client_app._model_from(msg, 3, cfg.train, sites.runtimes[101], client_app._options(msg),
+    evaluated = site_task.model_from_message(msg, 3, cfg.plan, sites.runtimes[101], site_task.round_options(msg),
                                        for_training=False).state_dict()
     latest = torch.load(local_norm_path(sites.runtimes[101]), weights_only=True)["state"]
     for k, v in latest.items():
@@ -230,7 +232,7 @@ def test_federated_dice_averages_each_organ_over_the_sites_that_scored_it(tmp_pa
     history: dict = {}
     cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"])
     strategy = build_strategy(cfg, 2, history)
-    model = build_network(3, TINY)
+    model = build_network(3, PLAN.network)
     messages = list(strategy.configure_evaluate(1, ArrayRecord(model.state_dict()), ConfigRecord(), FakeGrid([1, 2])))
     scores = {1: {"num-examples": 1, "dice-mean": 0.5, "dice-organA": 0.5},
               2: {"num-examples": 3, "dice-mean": 0.7, "dice-organA": 0.9, "dice-organB": 0.5}}

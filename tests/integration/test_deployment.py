@@ -129,10 +129,11 @@ class Federation:
     # -- runs
     def config(self, name: str, **overrides) -> Path:
         cfg = {
-            "rounds": 2, "local_epochs": 1, "evaluate_every": 0, "out": f"runs/{name}",
+            "rounds": 2, "local_steps": 2, "evaluate_every": 0, "out": f"runs/{name}",
             "sites": [{"name": s, "data": str(self.data[s])} for s in SITES],
-            "train": {"channels": [4, 8], "num_threads": 1, "seed": 0},
-            "preprocess": {"spacing_mm": [8, 8, 8]},
+            "train": {"num_threads": 1, "seed": 0},
+            # No plan: the sites send their fingerprints through the deployment engine first.
+            "planner": {"channels": [4, 8], "patch_size": [16, 16, 16], "spacing_mm": [8, 8, 8]},
             **overrides,
         }
         path = self.root / f"{name}.yaml"

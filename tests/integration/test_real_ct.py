@@ -12,8 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from fadal.cli import app
-from fadal.config import PreprocessConfig, TrainConfig
-from fadal.data.io import FadalInputError, read_image, same_geometry
+from fadal.config import TrainConfig
+from fadal_testing import tiny_plan
+from fadal.data.io import read_image, same_geometry
+from fadal.errors import FadalInputError
 from fadal.data.site import load_site
 from fadal.model.infer import save_checkpoint
 from fadal.model.net import build_network
@@ -64,14 +66,13 @@ def test_openkbp_wrong_cases_json_is_caught(shared_data, tmp_path):
 def tiny_checkpoint(tmp_path_factory, shared_data) -> Path:
     labels = {"background": 0, **json.loads((shared_data / "totalseg_example" / "labels.json").read_text())["labels"]}
     labels = {k: i for i, k in enumerate(labels)}  # contiguous values for the network's channels
-    cfg = TrainConfig(channels=(4, 8, 16))
-    model = build_network(len(labels), cfg)
+    plan = tiny_plan((4, 8, 16), spacing_mm=4.0, patch=(64, 64, 64))  # a few windows per real CT
+    model = build_network(len(labels), plan.network)
     # Make the (untrained) network answer "liver" everywhere, so that every export has an organ to show.
     last_bias = [k for k in model.state_dict() if k.endswith("bias")][-1]
     with torch.no_grad():
         model.state_dict()[last_bias][labels["liver"]] += 50.0
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "model.pt", labels, cfg,
-                           PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)))
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "model.pt", labels, plan, TrainConfig())
 
 
 def test_predict_cli_on_real_nifti_and_dicom(shared_data, tmp_path, tiny_checkpoint):

@@ -8,9 +8,14 @@ import SimpleITK as sitk
 import torch
 
 from fadal_testing import make_volume
-from fadal.config import PreprocessConfig
+from fadal.records import Plan, PreprocessConfig
 from fadal.data.io import read_image, same_geometry, write_image
+from fadal.errors import FadalInputError
 from fadal.model.infer import predict_image
+
+
+def plan_with(pre: PreprocessConfig, patch=(64, 64, 64)) -> Plan:
+    return Plan(preprocess=pre, patch_size=patch)
 
 
 class BrightIsOrgan(torch.nn.Module):
@@ -40,7 +45,7 @@ def test_prediction_lines_up_with_input(tmp_path, direction):
     write_image(img, tmp_path / "ct.nii.gz")
     image = read_image(tmp_path / "ct.nii.gz")
     pre = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), hu_window=(-200.0, 300.0))
-    label, conf = predict_image(BrightIsOrgan(), image, pre, torch.device("cpu"), roi_size=(64, 64, 64))
+    label, conf = predict_image(BrightIsOrgan(), image, plan_with(pre), torch.device("cpu"))
     write_image(label, tmp_path / "pred.nii.gz")
     back = read_image(tmp_path / "pred.nii.gz")
     assert same_geometry(back, image) is None
@@ -61,7 +66,7 @@ def test_real_ct_prediction_geometry(shared_data, tmp_path):
         image = read_image(path)
         hu = sitk.GetArrayViewFromImage(image)
         assert hu.min() < -500 and hu.max() > 300  # real HU range
-        label, _ = predict_image(BrightIsOrgan(), image, PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)),
+        label, _ = predict_image(BrightIsOrgan(), image, plan_with(PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0))),
                                  torch.device("cpu"))
         assert same_geometry(label, image) is None
         # Bone (> ~250 HU after the 300 HU window top) must be where the network marked it.
@@ -80,15 +85,15 @@ class ShapeRecorder(BrightIsOrgan):
         return super().forward(x)
 
 
-def test_small_volumes_go_through_the_network_in_one_pass():
-    """Whole-volume inference (what training sees) below the voxel budget, tiles above it; same answer
-    for a network without context, on the input's grid either way."""
+def test_a_volume_smaller_than_the_patch_takes_one_pass_and_tiles_give_the_same_answer():
+    """Sliding windows of the plan's patch size: a small volume is padded to one patch, a larger one is
+    tiled with Gaussian-weighted overlaps; for a network without context both give the same labels."""
     img, _ = make_volume(shape=(40, 36, 20), spacing=(1.5, 1.7, 3.5))
     pre = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), hu_window=(-200.0, 300.0))
     whole, tiled = ShapeRecorder(), ShapeRecorder()
-    a, _ = predict_image(whole, img, pre, torch.device("cpu"), roi_size=(16, 16, 16))
-    b, _ = predict_image(tiled, img, pre, torch.device("cpu"), roi_size=(16, 16, 16), whole_volume_voxels=16 ** 3)
-    assert len(whole.shapes) == 1 and whole.shapes[0] == (32, 32, 48)  # 30x31x35 mm -> padded to /16
+    a, _ = predict_image(whole, img, plan_with(pre, (48, 48, 48)), torch.device("cpu"))
+    b, _ = predict_image(tiled, img, plan_with(pre, (16, 16, 16)), torch.device("cpu"))
+    assert whole.shapes == [(48, 48, 48)]  # 30x31x35 voxels at 2 mm, padded to the patch
     assert len(tiled.shapes) > 8 and set(tiled.shapes) == {(16, 16, 16)}
     assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
 
@@ -109,33 +114,42 @@ def test_network_sees_only_the_body_and_the_prediction_comes_back_on_the_full_gr
     for crop in (False, True):
         net = ShapeRecorder()
         pre = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), hu_window=(-200.0, 300.0), crop_to_body=crop)
-        label, conf = predict_image(net, big, pre, torch.device("cpu"))
+        label, conf = predict_image(net, big, plan_with(pre, (16, 16, 16)), torch.device("cpu"))
         assert same_geometry(label, big) is None and same_geometry(conf, big) is None
         pred = sitk.GetArrayFromImage(label) == 1
         assert _dice(pred, truth) > 0.85
-        shapes[crop] = net.shapes[0]
+        shapes[crop] = len(net.shapes)  # 16^3 windows the network had to see
         if crop:
             c = sitk.GetArrayFromImage(conf)
             assert not pred[30:, 40:, 40:].any() and np.allclose(c[30:, 40:, 40:], 1.0)  # air far from the body
-    assert np.prod(shapes[True]) * 4 < np.prod(shapes[False])  # (64, 64, 64) -> (32, 32, 32)
+    assert shapes[True] * 4 < shapes[False]
 
 
 def test_an_all_air_volume_is_not_cropped_to_nothing():
     air = sitk.GetImageFromArray(np.full((10, 12, 14), -1000, np.int16))
-    label, conf = predict_image(BrightIsOrgan(), air, PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0)), torch.device("cpu"))
+    label, conf = predict_image(BrightIsOrgan(), air, plan_with(PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0))),
+                                torch.device("cpu"))
     assert same_geometry(label, air) is None and not sitk.GetArrayViewFromImage(label).any()
 
 
-def test_checkpoints_from_before_the_body_crop_keep_the_whole_field_of_view(tmp_path):
+def test_a_checkpoint_carries_its_plan_and_anything_else_is_refused_with_the_file_named(tmp_path):
     from fadal.config import TrainConfig
+    from fadal.records import NetworkConfig
     from fadal.model.infer import load_checkpoint, save_checkpoint
     from fadal.model.net import build_network
 
-    cfg = TrainConfig(channels=(4, 8))
-    path = save_checkpoint(build_network(3, cfg), tmp_path / "new.pt", {"background": 0, "a": 1, "b": 2}, cfg,
-                           PreprocessConfig())
-    assert load_checkpoint(path)[2].crop_to_body
-    old = torch.load(path, weights_only=False)
-    del old["preprocess"]["crop_to_body"], old["preprocess"]["body_threshold_hu"]
+    plan = Plan(preprocess=PreprocessConfig(spacing_mm=(3.0, 3.0, 2.5), crop_to_body=False),
+                network=NetworkConfig(channels=(4, 8)), patch_size=(32, 16, 48))
+    model = build_network(3, plan.network)
+    path = save_checkpoint(model, tmp_path / "new.pt", {"background": 0, "a": 1, "b": 2}, plan, TrainConfig())
+    loaded, labels, back, _ = load_checkpoint(path)
+    assert back == plan and labels == {"background": 0, "a": 1, "b": 2}
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(FadalInputError, match="notes.pt: not a FADAL model checkpoint"):
+        load_checkpoint(tmp_path / "notes.pt")
+    old = torch.load(path, weights_only=True)
+    old["format"] = 1
     torch.save(old, tmp_path / "old.pt")
-    assert not load_checkpoint(tmp_path / "old.pt")[2].crop_to_body
+    with pytest.raises(FadalInputError, match="old.pt: checkpoint format 1"):
+        load_checkpoint(tmp_path / "old.pt")

@@ -12,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from fadal.data.dicom import list_series, read_dicom_series
-from fadal.data.io import FadalInputError, resample_like
+from fadal.data.io import resample_like
+from fadal.errors import FadalInputError
 from fadal.navigation.dicom_seg import _property_type, write_dicom_seg
 
 pytestmark = pytest.mark.shared_data

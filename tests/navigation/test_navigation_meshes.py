@@ -14,7 +14,7 @@ from navigation_phantom import ELLIPSOID_CENTRE, ELLIPSOID_RADII, SPACING, SPHER
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 from fadal.navigation.meshes import index_to_world, organ_meshes, postprocess_label, write_meshes
 
 

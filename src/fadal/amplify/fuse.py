@@ -28,7 +28,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from fadal.data.io import FadalInputError, read_image, resample_like, same_geometry
+from fadal.data.io import read_image, resample_like, same_geometry
+from fadal.errors import FadalInputError
 
 FUSION_METHODS = ("majority", "weighted", "staple")
 #: HU range compared by the local weights: beyond it (dense bone, metal, air) differences say little.

@@ -47,7 +47,8 @@ import torch
 from fadal.amplify import register as reg
 from fadal.amplify.register import RegistrationResult, pair_key
 from fadal.config import LearnedRegistrationConfig, RegistrationConfig
-from fadal.data.io import FadalInputError, save_torch
+from fadal.data.io import save_torch
+from fadal.errors import FadalInputError
 
 #: Bump when training or propagation changes: cached models and propagated labels then no longer match.
 LEARNED_RECIPE = "voxelmorph-v1-translation-init"
@@ -99,14 +100,14 @@ def _threads(n: int) -> Iterator[None]:
 
 def _smoothed(arr: np.ndarray, ref: sitk.Image, origin, spacing_mm: float) -> sitk.Image:
     """Shifted intensities (air = 0) as an image at ``origin``, blurred to about the network's voxel size."""
-    img = reg._like(arr, ref, origin)
+    img = reg.like(arr, ref, origin)
     sigma = [max(0.0, 0.5 * (spacing_mm ** 2 - s ** 2)) ** 0.5 for s in ref.GetSpacing()]
     return sitk.SmoothingRecursiveGaussian(img, sigma) if max(sigma) > 0 else img
 
 
 def network_grid(fixed: sitk.Image, fixed_body: np.ndarray, spacing_mm: float) -> sitk.Image:
     """World-axis-aligned isotropic grid around the fixed scan's body (its whole extent if it has none)."""
-    pts = reg._world_points(fixed_body, fixed) if fixed_body.any() else None
+    pts = reg.world_points(fixed_body, fixed) if fixed_body.any() else None
     if pts is None or len(pts) == 0:
         corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float)
         d = np.asarray(fixed.GetDirection(), dtype=float).reshape(3, 3)
@@ -127,7 +128,7 @@ def _on_grid(img: sitk.Image, grid: sitk.Image, cfg: LearnedRegistrationConfig,
     """Linear resampling onto the network grid, windowed to [0, 1]: a (1, 1, z, y, x) tensor."""
     arr = sitk.GetArrayFromImage(sitk.Resample(img, grid, transform or sitk.Transform(), sitk.sitkLinear, 0.0,
                                                sitk.sitkFloat32))
-    lo, hi = (w - reg._AIR_HU for w in cfg.hu_window)  # the images hold shifted intensities
+    lo, hi = (w - reg.AIR_HU for w in cfg.hu_window)  # the images hold shifted intensities
     arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
 
@@ -149,14 +150,14 @@ def site_key(scans: Sequence[Path], cfg: RegistrationConfig) -> str:
         if not p.is_file():
             raise FadalInputError(f"{p}: file not found")
         st = p.stat()
-        digests.append(reg._file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns))
+        digests.append(reg.file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns))
     h = hashlib.sha256()
     for d in sorted(digests):
         h.update(d)
     h.update(cfg.learned.model_dump_json(exclude={"num_threads"}).encode())
     h.update(cfg.model_dump_json(include={"initialization", "init_step_mm", "init_coarse_mm"}).encode())
     h.update(LEARNED_RECIPE.encode())
-    return h.hexdigest()[: reg._KEY_CHARS]
+    return h.hexdigest()[: reg.KEY_CHARS]
 
 
 @dataclass
@@ -172,9 +173,9 @@ def _load_scans(scans: Sequence[Path], cfg: RegistrationConfig) -> list[_Scan]:
     out: list[_Scan] = []
     ref = None
     for p in scans:
-        img = reg._read_3d(Path(p))
-        arr = reg._shifted(img)
-        body = reg.body_mask_array(arr + reg._AIR_HU, reg._axial_array_axis(img))
+        img = reg.read_3d(Path(p))
+        arr = reg.shifted(img)
+        body = reg.body_mask_array(arr + reg.AIR_HU, reg.axial_array_axis(img))
         if ref is None:
             ref = (img, arr, body)
             t = np.zeros(3)
@@ -295,8 +296,8 @@ def propagate(model: SiteModel, fixed_image: Path, atlas_image: Path, atlas_labe
     """
     fixed_image, atlas_image, atlas_label, out_dir = map(Path, (fixed_image, atlas_image, atlas_label, out_dir))
     key = hashlib.sha256(f"{pair_key(fixed_image, atlas_image, atlas_label, cfg)}:{model.key}:{LEARNED_RECIPE}"
-                         .encode()).hexdigest()[: reg._KEY_CHARS]
-    hit = reg._load_cached(key, out_dir, fixed_image, atlas_image, atlas_label)
+                         .encode()).hexdigest()[: reg.KEY_CHARS]
+    hit = reg.load_cached(key, out_dir, fixed_image, atlas_image, atlas_label)
     if hit is not None:
         return hit
     with _threads(model.cfg.num_threads):

@@ -13,7 +13,7 @@ Outputs (``out_dir``)::
     registration_model/         registration.method "learned": the site's network, keyed by its scans (learned.py)
     amplification.json          summary of the site (accepted / rejected with reasons, confidence, time)
 
-Training (``fadal.model.train.site_training_items``) uses a scan only when its label file and
+Training (``fadal.model.patches.site_training_items``) uses a scan only when its label file and
 provenance exist, and only the organs in ``organs_fused``: a rejected scan has no label file.
 
 A case is done once its provenance file exists, so an interrupted run resumes where it stopped, and
@@ -34,7 +34,8 @@ from fadal.amplify.fuse import fuse_files, fused_classes
 from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
 from fadal.amplify.register import RegistrationResult, register_many, registration_failure
 from fadal.config import AmplifyConfig
-from fadal.data.io import FadalInputError, read_image, write_image, write_json
+from fadal.data.io import read_image, write_image, write_json
+from fadal.errors import FadalInputError
 
 Labeled = list[tuple[str, Path, Path, list[int]]]
 Unlabeled = list[tuple[str, Path]]

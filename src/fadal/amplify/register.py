@@ -59,14 +59,15 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from fadal.config import RegistrationConfig
-from fadal.data.io import FadalInputError, read_image, same_geometry, write_image, write_json
+from fadal.data.io import read_image, same_geometry, write_image, write_json
+from fadal.errors import FadalInputError
 
 #: Bump when the registration recipe changes: old cache entries then no longer match.
 RECIPE_VERSION = "elastix-affine-bspline-v2-masks-init"
 #: Voxels above this HU are "body".
 BODY_HU = -500.0
-_AIR_HU = -1024.0
-_KEY_CHARS = 24
+AIR_HU = -1024.0
+KEY_CHARS = 24
 #: Settings that do not change a registration's result, so they are not part of its cache key.
 _NOT_IN_KEY = {"workers", "min_body_dice", "min_ncc", "min_overlap"}
 #: Pixel value elastix writes outside the atlas's field of view (shifted intensities are >= 0).
@@ -144,7 +145,7 @@ def registration_failure(res: RegistrationResult, cfg: RegistrationConfig) -> st
 # --------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=4096)
-def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+def file_digest(path: str, size: int, mtime_ns: int) -> bytes:
     """sha256 of a file's bytes, remembered per (path, size, mtime): a site's scans recur in many pairs."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -164,15 +165,15 @@ def pair_key(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: Regis
         if not p.is_file():
             raise FadalInputError(f"{p}: file not found")
         st = p.stat()
-        h.update(_file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns))
+        h.update(file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns))
     # elastix keys leave out the learned-model settings: caches from before they existed stay valid.
     exclude = _NOT_IN_KEY | ({"method", "learned"} if cfg.method == "elastix" else set())
     h.update(cfg.model_dump_json(exclude=exclude).encode())
     h.update(RECIPE_VERSION.encode())
-    return h.hexdigest()[:_KEY_CHARS]
+    return h.hexdigest()[:KEY_CHARS]
 
 
-def _load_cached(key: str, out_dir: Path, fixed: Path, moving: Path, label: Path) -> RegistrationResult | None:
+def load_cached(key: str, out_dir: Path, fixed: Path, moving: Path, label: Path) -> RegistrationResult | None:
     js, nii, img = out_dir / f"{key}.json", out_dir / f"{key}.nii.gz", out_dir / f"{key}_image.nii.gz"
     if not (js.is_file() and nii.is_file() and img.is_file()):
         return None
@@ -191,7 +192,7 @@ def _load_cached(key: str, out_dir: Path, fixed: Path, moving: Path, label: Path
 # image helpers
 # --------------------------------------------------------------------------------------------------
 
-def _read_3d(path: Path) -> sitk.Image:
+def read_3d(path: Path) -> sitk.Image:
     img = read_image(path)
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise FadalInputError(
@@ -201,15 +202,15 @@ def _read_3d(path: Path) -> sitk.Image:
     return img
 
 
-def _shifted(img: sitk.Image) -> np.ndarray:
+def shifted(img: sitk.Image) -> np.ndarray:
     """HU -> float32 with air = 0 (see module docstring)."""
     arr = sitk.GetArrayFromImage(img).astype(np.float32)
-    np.maximum(arr, _AIR_HU, out=arr)
-    arr -= _AIR_HU
+    np.maximum(arr, AIR_HU, out=arr)
+    arr -= AIR_HU
     return arr
 
 
-def _like(arr: np.ndarray, ref: sitk.Image, origin=None) -> sitk.Image:
+def like(arr: np.ndarray, ref: sitk.Image, origin=None) -> sitk.Image:
     img = sitk.GetImageFromArray(arr)
     img.CopyInformation(ref)
     if origin is not None:
@@ -249,7 +250,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * int(np.logical_and(a, b).sum()) / n if n else float("nan")
 
 
-def _axial_array_axis(img: sitk.Image) -> int:
+def axial_array_axis(img: sitk.Image) -> int:
     """Array axis (z, y, x order) that runs most nearly along world z (craniocaudal)."""
     d = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
     return 2 - int(np.argmax(np.abs(d[2])))
@@ -300,14 +301,14 @@ def _grow(mask: np.ndarray, img: sitk.Image, mm: float) -> np.ndarray:
 def body_mask(image: sitk.Image, threshold_hu: float = BODY_HU) -> sitk.Image:
     """:func:`body_mask_array` of a CT image, as a uint8 image on its grid."""
     arr = sitk.GetArrayViewFromImage(image)
-    return _like(body_mask_array(arr, _axial_array_axis(image), threshold_hu).astype(np.uint8), image)
+    return like(body_mask_array(arr, axial_array_axis(image), threshold_hu).astype(np.uint8), image)
 
 
 # --------------------------------------------------------------------------------------------------
 # initialisation
 # --------------------------------------------------------------------------------------------------
 
-def _world_points(mask: np.ndarray, img: sitk.Image, max_points: int = 200_000) -> np.ndarray:
+def world_points(mask: np.ndarray, img: sitk.Image, max_points: int = 200_000) -> np.ndarray:
     """World coordinates (N, 3) of the True voxels of a (z, y, x) array on ``img``'s grid (subsampled)."""
     idx = np.argwhere(mask)
     if len(idx) > max_points:
@@ -335,7 +336,7 @@ def body_z_range(mask: np.ndarray, img: sitk.Image, bin_mm: float = 5.0, min_are
     """Craniocaudal extent (world z, mm) of the scanned body: the 5 mm slabs holding at least 10 % of
     the largest slab's body voxels. The threshold ignores thin strays (a cable, the tip of a chin rest)
     that would otherwise stretch the extent."""
-    z = _world_points(mask, img)[:, 2]
+    z = world_points(mask, img)[:, 2]
     edges = np.arange(z.min(), z.max() + bin_mm, bin_mm)
     if len(edges) < 2:
         return float(z.min()), float(z.max())
@@ -347,7 +348,7 @@ def body_z_range(mask: np.ndarray, img: sitk.Image, bin_mm: float = 5.0, min_are
 def _coarse(arr: np.ndarray, ref: sitk.Image, mm: float) -> sitk.Image:
     """Block-average to about ``mm`` voxels (anti-aliased, unlike plain resampling)."""
     factors = [max(1, int(round(mm / s))) for s in ref.GetSpacing()]
-    return sitk.BinShrink(_like(arr.astype(np.float32), ref), factors)
+    return sitk.BinShrink(like(arr.astype(np.float32), ref), factors)
 
 
 def initial_translation(fixed: sitk.Image, moving: sitk.Image, fixed_arr: np.ndarray, moving_arr: np.ndarray,
@@ -372,7 +373,7 @@ def initial_translation(fixed: sitk.Image, moving: sitk.Image, fixed_arr: np.nda
     geometric = _image_centre(moving) - _image_centre(fixed)
     if cfg.initialization == "geometric_center" or not fixed_body.any() or not moving_body.any():
         return geometric
-    pf, pm = _world_points(fixed_body, fixed), _world_points(moving_body, moving)
+    pf, pm = world_points(fixed_body, fixed), world_points(moving_body, moving)
     cog = pm.mean(0) - pf.mean(0)
     if cfg.initialization == "center_of_gravity":
         return cog
@@ -539,7 +540,7 @@ def register_atlas(fixed_image: Path, atlas_image: Path, atlas_label: Path, out_
     """
     fixed_image, atlas_image, atlas_label, out_dir = map(Path, (fixed_image, atlas_image, atlas_label, out_dir))
     key = pair_key(fixed_image, atlas_image, atlas_label, cfg)
-    hit = _load_cached(key, out_dir, fixed_image, atlas_image, atlas_label)
+    hit = load_cached(key, out_dir, fixed_image, atlas_image, atlas_label)
     if hit is not None:
         return hit
     return _register_uncached(fixed_image, atlas_image, atlas_label, out_dir, cfg, key)
@@ -580,9 +581,9 @@ class PreparedPair:
 
 def prepare_pair(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: RegistrationConfig) -> PreparedPair:
     """Read and check the three files, compute body masks and the initial translation (and the NCC before and after it)."""
-    fixed = _read_3d(fixed_image)
-    atlas = _read_3d(atlas_image)
-    label = _read_3d(atlas_label)
+    fixed = read_3d(fixed_image)
+    atlas = read_3d(atlas_image)
+    label = read_3d(atlas_label)
     diff = same_geometry(atlas, label)
     if diff is not None:
         raise FadalInputError(f"{atlas_label}: geometry differs from its image {atlas_image.name}: {diff}")
@@ -592,9 +593,9 @@ def prepare_pair(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: R
     if lab_arr.min() < 0 or lab_arr.max() > 255:
         raise FadalInputError(f"{atlas_label}: label values must lie in [0, 255], got [{lab_arr.min()}, {lab_arr.max()}]")
 
-    fixed_arr, atlas_arr = _shifted(fixed), _shifted(atlas)
-    fixed_body = body_mask_array(fixed_arr + _AIR_HU, _axial_array_axis(fixed))
-    atlas_body = body_mask_array(atlas_arr + _AIR_HU, _axial_array_axis(atlas))
+    fixed_arr, atlas_arr = shifted(fixed), shifted(atlas)
+    fixed_body = body_mask_array(fixed_arr + AIR_HU, axial_array_axis(fixed))
+    atlas_body = body_mask_array(atlas_arr + AIR_HU, axial_array_axis(atlas))
 
     # Craniocaudal slab of the fixed scan where the atlas has body, for a placement tz of the atlas.
     fz = _world_z(fixed)
@@ -604,7 +605,7 @@ def prepare_pair(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: R
         return (fz >= m0 - tz) & (fz <= m1 - tz)
 
     def ncc_in_fixed_body(atlas_origin, tz: float) -> float:
-        moved = sitk.Resample(_like(atlas_arr, atlas, atlas_origin), fixed, sitk.Transform(), sitk.sitkLinear,
+        moved = sitk.Resample(like(atlas_arr, atlas, atlas_origin), fixed, sitk.Transform(), sitk.sitkLinear,
                               _OUTSIDE, sitk.sitkFloat32)
         arr = sitk.GetArrayViewFromImage(moved)
         return _ncc(fixed_arr, arr, fixed_body & (arr >= 0) & slab(tz))
@@ -626,11 +627,11 @@ def finish_pair(pair: PreparedPair, transform: sitk.Transform, out_dir: Path, cf
     measure the quality (module docstring), write the files atomically (json last) and return the result.
     ``t0``: when the pair's work began (``time.perf_counter()``); ``extra`` goes into the stored json."""
     fixed, atlas, label = pair.fixed, pair.atlas, pair.label
-    warped_arr = sitk.GetArrayFromImage(sitk.Resample(_like(pair.atlas_arr, atlas, pair.origin), fixed, transform,
+    warped_arr = sitk.GetArrayFromImage(sitk.Resample(like(pair.atlas_arr, atlas, pair.origin), fixed, transform,
                                                       sitk.sitkLinear, _OUTSIDE, sitk.sitkFloat32))
     covered = warped_arr >= 0
     warped_arr[~covered] = 0.0
-    warped_body = body_mask_array(warped_arr + _AIR_HU, _axial_array_axis(fixed)) & covered
+    warped_body = body_mask_array(warped_arr + AIR_HU, axial_array_axis(fixed)) & covered
     # Quality inside the craniocaudal slab the warped atlas covers with body (see module docstring).
     fz = _world_z(fixed)
     if warped_body.any():
@@ -646,12 +647,12 @@ def finish_pair(pair: PreparedPair, transform: sitk.Transform, out_dir: Path, cf
     expected = pair.expected
     overlap = float((in_view & expected).sum() / max((pair.fixed_body & expected).sum(), 1))
 
-    warped = sitk.Resample(_like(sitk.GetArrayFromImage(label).astype(np.uint8), label, pair.origin), fixed,
+    warped = sitk.Resample(like(sitk.GetArrayFromImage(label).astype(np.uint8), label, pair.origin), fixed,
                            transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     seconds = time.perf_counter() - t0
 
     nii = write_image(warped, out_dir / f"{key}.nii.gz")
-    img = write_image(_like(warped_arr + np.float32(_AIR_HU), fixed), out_dir / f"{key}_image.nii.gz")
+    img = write_image(like(warped_arr + np.float32(AIR_HU), fixed), out_dir / f"{key}_image.nii.gz")
     res = RegistrationResult(
         fixed=pair.fixed_image, moving=pair.atlas_image, warped_label=nii, metric_before=pair.metric_before,
         metric_after=metric_after, seconds=round(seconds, 3), cached=False, atlas_label=pair.atlas_label, key=key,
@@ -736,7 +737,7 @@ def register_many(pairs: list[tuple[Path, Path, Path]], out_dir: Path, cfg: Regi
     todo: dict[str, list[int]] = {}
     for i, (fixed, atlas, label) in enumerate(pairs):
         key = pair_key(fixed, atlas, label, cfg)
-        hit = _load_cached(key, out_dir, fixed, atlas, label)
+        hit = load_cached(key, out_dir, fixed, atlas, label)
         if hit is not None:
             results[i] = hit
             if progress is not None:
@@ -763,7 +764,7 @@ def register_many(pairs: list[tuple[Path, Path, Path]], out_dir: Path, cfg: Regi
 
     def _done(idx: list[int], res: RegistrationResult) -> None:
         for n, i in enumerate(idx):
-            r = res if n == 0 else (_load_cached(res.key, out_dir, *pairs[i]) or res)
+            r = res if n == 0 else (load_cached(res.key, out_dir, *pairs[i]) or res)
             if n == 0:
                 r.fixed, r.moving, r.atlas_label = pairs[i]
             results[i] = r

@@ -23,7 +23,7 @@ of any other organ becomes 0 there and, that organ being unknown, the partial-la
 as "background or that organ", never as plain background.
 
 QC: a scan whose amplification was rejected (provenance ``"status"``/``"qc"``, see
-:func:`fadal.model.train.provenance_qc_accepted`) is not refined. A refined label that QC rejects is
+:func:`fadal.model.patches.provenance_qc_accepted`) is not refined. A refined label that QC rejects is
 written (for inspection) but marked rejected, and training skips it.
 """
 
@@ -40,13 +40,14 @@ import SimpleITK as sitk
 import torch
 
 from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
-from fadal.config import PreprocessConfig, SelfTrainConfig, TrainConfig
+from fadal.config import SelfTrainConfig, TrainConfig
+from fadal.records import Plan
 from fadal.data.io import read_image, same_geometry, resample_like, write_image, write_json
 from fadal.data.site import Site
+from fadal.model.engine import train_model
 from fadal.model.infer import predict_image, save_checkpoint
-from fadal.model.net import build_network, pick_device
-from fadal.model.train import (TrainResult, make_loader, provenance_qc_accepted, seed_everything,
-                               site_training_items, train_epochs)
+from fadal.model.net import pick_device
+from fadal.model.patches import provenance_qc_accepted, site_training_items
 
 
 @dataclass
@@ -63,18 +64,6 @@ class SelfTrainResult:
     model: torch.nn.Module
     rounds: list[dict] = field(default_factory=list)
     label_dirs: list[dict[str, Path]] = field(default_factory=list)  # per round: site name -> refined outputs
-
-
-def train_model(items: Sequence[dict], pre: PreprocessConfig, train_cfg: TrainConfig, num_classes: int,
-                steps: int | None = None, extra: Sequence[torch.utils.data.Dataset] = (),
-                model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, TrainResult]:
-    """Train (a new network unless ``model`` is given) on ``items`` + ``extra`` datasets: ``steps``
-    samples drawn with replacement, or ``train_cfg.epochs`` epochs when ``steps`` is None."""
-    seed_everything(train_cfg.seed, train_cfg.num_threads)
-    model = model if model is not None else build_network(num_classes, train_cfg)
-    loader = make_loader(items, pre, num_classes, train_cfg.batch_size, extra=extra, num_samples=steps)
-    result = train_epochs(model, loader, train_cfg, 1 if steps else train_cfg.epochs, pick_device())
-    return model, result
 
 
 def refine_label(model_label: np.ndarray, model_conf: np.ndarray, known: Sequence[int],
@@ -173,7 +162,7 @@ def _on_scan(img: sitk.Image | None, scan: sitk.Image, is_label: bool) -> np.nda
     return arr if is_label else arr.astype(np.float32)
 
 
-def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: PreprocessConfig,
+def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, plan: Plan,
                 cfg: SelfTrainConfig, round_no: int = 1, device: torch.device | None = None) -> dict:
     """Predict, refine, check and write every unlabeled scan of one site; return a summary."""
     site, out_dir = sts.site, Path(out_dir)
@@ -198,7 +187,7 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: 
                 conf_path = Path(sts.amplified) / "confidence" / f"{case.case_id}.nii.gz"
                 fused_conf_img = read_image(conf_path) if fused_img is not None and conf_path.exists() else None
         image = read_image(case.image)
-        pred, pconf = predict_image(model, image, pre, device)
+        pred, pconf = predict_image(model, image, plan, device)
         fused = _on_scan(fused_img, image, is_label=True)
         fused_conf = _on_scan(fused_conf_img, image, is_label=False)
         known = _known_organs(sts, prov_in)
@@ -227,7 +216,7 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, pre: 
     return summary
 
 
-def selftrain(sites: Sequence[SelfTrainSite], out: Path, train_cfg: TrainConfig, pre: PreprocessConfig,
+def selftrain(sites: Sequence[SelfTrainSite], out: Path, train_cfg: TrainConfig, plan: Plan,
               cfg: SelfTrainConfig, steps: int | None = None, model: torch.nn.Module | None = None,
               log: Callable[[str], None] | None = None) -> SelfTrainResult:
     """``cfg.rounds`` rounds of predict -> refine -> retrain over ``sites`` (pooled training).
@@ -244,17 +233,17 @@ def selftrain(sites: Sequence[SelfTrainSite], out: Path, train_cfg: TrainConfig,
     history: list[dict] = []
     if model is None:
         items = [it for s in sites for it in site_training_items(s.site, s.amplified, s.amplified is not None)]
-        model, res = train_model(items, pre, train_cfg, num_classes, steps, extra)
+        model, res = train_model(items, plan, train_cfg, num_classes, steps, extra)
         history.append({"round": 0, "items": len(items), "loss": res.loss, "steps": res.steps, "seconds": res.seconds})
         log(f"self-training round 0: trained on {len(items)} items, loss {res.loss:.3f}")
     dirs: list[dict[str, Path]] = []
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
         round_dirs = {s.site.name: out / f"round_{r}" / s.site.name for s in sites}
-        refined = {s.site.name: refine_site(model, s, round_dirs[s.site.name], pre, cfg, r) for s in sites}
+        refined = {s.site.name: refine_site(model, s, round_dirs[s.site.name], plan, cfg, r) for s in sites}
         t_refine = time.perf_counter() - t0
         items = [it for s in sites for it in site_training_items(s.site, round_dirs[s.site.name], True)]
-        model, res = train_model(items, pre, train_cfg, num_classes, steps, extra,
+        model, res = train_model(items, plan, train_cfg, num_classes, steps, extra,
                                  model=None if cfg.fresh_model else model)
         history.append({"round": r, "items": len(items), "loss": res.loss, "steps": res.steps,
                         "seconds": res.seconds, "refine_seconds": round(t_refine, 2),
@@ -262,6 +251,6 @@ def selftrain(sites: Sequence[SelfTrainSite], out: Path, train_cfg: TrainConfig,
                         "scans": {k: v["scans"] for k, v in refined.items()}})
         dirs.append(round_dirs)
         log(f"self-training round {r}: refined in {t_refine:.0f} s, trained on {len(items)} items, loss {res.loss:.3f}")
-    save_checkpoint(model, out / "model.pt", labels, train_cfg, pre, {"selftrain": history})
+    save_checkpoint(model, out / "model.pt", labels, plan, train_cfg, {"selftrain": history})
     write_json({"rounds": history}, out / "history.json")
     return SelfTrainResult(model, history, dirs)

@@ -30,7 +30,7 @@ transform ``d_k`` of that atlas, and a scale ``s``::
     label = L_a o phi_j                  (nearest neighbour)
 
 so one atlas with n targets gives n^2 combinations (times the continuous scale). Pairs are drawn on
-the fly by :class:`SyntheticPairs`, a torch ``Dataset`` that ``make_loader(extra=...)`` mixes into
+the fly by :class:`SyntheticPairs`, a torch ``Dataset`` that ``fadal.model.patches.PatchSampler(extra=...)`` mixes into
 training; nothing is written per pair. The learned transforms are cached at the site (content hash
 of both preprocessed scans and the settings), never sent anywhere.
 """
@@ -49,8 +49,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fadal.config import PreprocessConfig, RegistrationConfig, SynthesisConfig
-from fadal.data.io import FadalInputError, read_image, save_torch
+from fadal.config import RegistrationConfig, SynthesisConfig
+from fadal.records import PreprocessConfig
+from fadal.data.io import read_image, save_torch
+from fadal.errors import FadalInputError
 from fadal.data.preprocess import inference_transforms, to_metatensor, training_transforms
 
 #: Bump when the way transforms are learned changes: old cache entries then no longer match.
@@ -97,7 +99,7 @@ def prepare(case_id: str, image: Path, pre: PreprocessConfig, label: Path | None
             known: Sequence[int] = ()) -> Prepared:
     """Read a scan (and its label) and apply the same deterministic chain as training."""
     if label is not None:
-        fixed, _ = training_transforms(pre)
+        fixed = training_transforms(pre)
         d = fixed({"image": str(image), "label": str(label), "confidence": None})
         lab = d["label"].as_tensor()[0].round().to(torch.uint8)
     else:
@@ -377,7 +379,7 @@ def synthesize(atlas: Prepared, spatial: LearnedTransform, appearance: LearnedTr
 class SyntheticPairs(torch.utils.data.Dataset):
     """Synthetic labeled pairs drawn at random on every access (the index is ignored).
 
-    ``len()`` is how many draws one epoch makes; with ``make_loader(extra=[pairs])`` it sets the share
+    ``len()`` sets the share (with ``PatchSampler(extra=[pairs])``)
     of synthetic pairs among the training samples. Items match the training loader's: ``image``,
     ``label`` and ``confidence`` as (1, X, Y, Z) MetaTensors with the target's affine, ``known`` as a
     (num_classes,) bool mask of the atlas's drawn organs, and ``synthetic`` = (atlas, spatial target,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 
 
 def list_series(folder: Path) -> dict[str, list[str]]:

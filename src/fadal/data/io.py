@@ -18,14 +18,12 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from fadal.errors import FadalInputError
+
 #: Tolerances for "same grid": spacing/origin in mm, direction cosines unitless.
 SPACING_TOL_MM = 1e-3
 ORIGIN_TOL_MM = 1e-2
 DIRECTION_TOL = 1e-4
-
-
-class FadalInputError(ValueError):
-    """Bad input: the message names the file and says what is wrong and what to do."""
 
 
 def read_image(path: str | Path, series_uid: str | None = None) -> sitk.Image:

@@ -17,16 +17,13 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
-    DivisiblePadd,
     MapTransform,
     Orientationd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
     ScaleIntensityRanged,
     Spacingd,
 )
 
-from fadal.config import PreprocessConfig
+from fadal.records import PreprocessConfig
 from fadal.data.io import read_image
 
 #: LPS (ITK) <-> RAS (MONAI/NIfTI) flip of the first two world axes.
@@ -108,20 +105,16 @@ def spatial_transforms(cfg: PreprocessConfig, keys: tuple[str, ...]) -> list:
         *crop,
         Spacingd(keys=list(keys), pixdim=cfg.spacing_mm, mode=[modes[k] for k in keys]),
         ScaleIntensityRanged(keys="image", a_min=cfg.hu_window[0], a_max=cfg.hu_window[1], b_min=0.0, b_max=1.0, clip=True),
-        DivisiblePadd(keys=list(keys), k=16),
     ]
 
 
-def training_transforms(cfg: PreprocessConfig) -> tuple[Compose, Compose]:
-    """(deterministic, cacheable) and (random augmentation) parts for training items."""
+def training_transforms(cfg: PreprocessConfig) -> Compose:
+    """The deterministic (cacheable) part for training items: whole volumes on the network's grid.
+
+    Patches and their augmentation are drawn from these by :mod:`fadal.model.patches`; no padding
+    here: a volume smaller than the patch is padded there (with confidence 0: no loss on padding)."""
     keys = ("image", "label", "confidence")
-    fixed = Compose([LoadVolumesd(keys), *spatial_transforms(cfg, keys)])
-    # Intensity jitter stands in for scanner differences; no flips: left/right organs are different labels.
-    random = Compose([
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
-    ])
-    return fixed, random
+    return Compose([LoadVolumesd(keys), *spatial_transforms(cfg, keys)])
 
 
 def inference_transforms(cfg: PreprocessConfig) -> Compose:

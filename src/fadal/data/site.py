@@ -20,7 +20,8 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from fadal.data.io import FadalInputError, check_image_values, check_label, read_image
+from fadal.data.io import check_image_values, check_label, read_image
+from fadal.errors import FadalInputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -55,7 +56,7 @@ class Site:
         return [self.labels[o] for o in case.annotated]
 
 
-def _strip_suffix(name: str) -> str:
+def strip_suffix(name: str) -> str:
     for suf in IMAGE_SUFFIXES:
         if name.endswith(suf):
             return name[: -len(suf)]
@@ -118,13 +119,13 @@ def load_site(root: str | Path, name: str | None = None, cases_json: str | Path 
         for entry in meta["training"]:  # MSD layout
             image = (root / entry["image"]).resolve()
             label = (root / entry["label"]).resolve() if entry.get("label") else None
-            cid = _strip_suffix(image.name)
+            cid = strip_suffix(image.name)
             (labeled if label else unlabeled).append(make_case(cid, image, label, "labeled" if label else "unlabeled"))
         for entry in meta.get("test", []):
             img = root / (entry["image"] if isinstance(entry, dict) else entry)
             lab = root / entry["label"] if isinstance(entry, dict) and entry.get("label") else None
             if lab is not None:
-                test.append(make_case(_strip_suffix(img.name), img, lab, "test"))
+                test.append(make_case(strip_suffix(img.name), img, lab, "test"))
     else:
         for split_dir, label_dir, bucket in (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test")):
             img_dir = root / split_dir
@@ -133,7 +134,7 @@ def load_site(root: str | Path, name: str | None = None, cases_json: str | Path 
                     raise FadalInputError(f"{root}: no imagesTr/ folder (nnU-Net v2 layout expected)")
                 continue
             for image in sorted(img_dir.iterdir()):
-                stem = _strip_suffix(image.name)
+                stem = strip_suffix(image.name)
                 if stem == image.name or image.name.startswith("."):
                     continue
                 if not stem.endswith("_0000"):

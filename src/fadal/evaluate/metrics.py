@@ -29,7 +29,8 @@ import SimpleITK as sitk
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
-from fadal.data.io import FadalInputError, same_geometry
+from fadal.data.io import same_geometry
+from fadal.errors import FadalInputError
 
 __all__ = ["organ_metrics", "summarize", "METRIC_NAMES"]
 

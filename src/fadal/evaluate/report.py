@@ -31,7 +31,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fadal.data.io import FadalInputError, atomic_write_bytes
+from fadal.data.io import atomic_write_bytes
+from fadal.errors import FadalInputError
 
 __all__ = ["write_report", "comparison_table", "format_value"]
 

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 
 #: Name of the SuperLink connection in ``$FLWR_HOME/config.toml`` (``flwr run . fadal``).
 CONNECTION = "fadal"

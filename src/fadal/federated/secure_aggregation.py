@@ -10,7 +10,7 @@ replies on the site). The rest of FADAL uses the Message API, so this module tra
   one ``SecAggPlusWorkflow`` call. The server only receives masked integer vectors; after the
   unmask stage it holds the example-weighted mean of the sites' models and nothing else.
 * Site (:func:`secure_train`): the legacy ``FitIns`` is turned into the message
-  :func:`fadal.federated.client_app.local_train` expects, and its reply (allow-listed metrics +
+  :func:`fadal.federated.site_task.local_train` expects, and its reply (allow-listed metrics +
   arrays) into a ``FitRes``. ``secaggplus_mod`` (installed by :func:`secagg_when_asked`) then
   weights, quantises and masks the arrays and strips them from the reply; only the masked vector
   and the scalar metrics leave the site.
@@ -26,7 +26,6 @@ import json
 import time
 from logging import INFO
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,16 +46,17 @@ from flwr.supercore import log
 
 from flwr.client.mod import secaggplus_mod
 
-from fadal.config import FederationConfig, TrainConfig
-from fadal.data.io import FadalInputError
-from fadal.federated.server_app import _entry, _load_strategy_state, _resume_point, evaluate_round, save_round
-from fadal.federated.server_app import train_config_record
+from fadal.config import FederationConfig
+from fadal.errors import FadalInputError
+from fadal.federated.planning import federation_plan
+from fadal.federated.rounds import (evaluate_round, history_entry, load_strategy_state, resume_point, save_round,
+                                    train_config_record)
+from fadal.federated.site_task import SiteRuntime, local_train
 from fadal.federated.strategies import build_strategy
+from fadal.model.engine import seed_everything
 from fadal.model.net import build_network
-from fadal.model.train import seed_everything
+from fadal.records import Plan
 
-if TYPE_CHECKING:  # client_app builds its ClientApp from this module: import it lazily
-    from fadal.federated.client_app import SiteRuntime
 
 
 # --------------------------------------------------------------------------- site side
@@ -72,9 +72,9 @@ def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallab
     return call_next(msg, context)
 
 
-def _state_keys(train_cfg: TrainConfig, labels: dict[str, int]) -> dict[str, torch.Tensor]:
+def _state_keys(plan: Plan, labels: dict[str, int]) -> dict[str, torch.Tensor]:
     """The network's state dict: names, shapes and dtypes for the legacy API's unnamed array list."""
-    return build_network(max(labels.values()) + 1, train_cfg).state_dict()
+    return build_network(max(labels.values()) + 1, plan.network).state_dict()
 
 
 def secure_train(msg: Message, runtime: SiteRuntime) -> Message:
@@ -82,13 +82,11 @@ def secure_train(msg: Message, runtime: SiteRuntime) -> Message:
 
     Refuses (error at the site) when a value would be clipped or the weight overflow: the server
     cannot see either, so the aggregate would be silently wrong."""
-    from fadal.federated.client_app import local_train
-
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = ConfigRecord(dict(fitins.config))
-    train_cfg = TrainConfig.model_validate_json(str(config["train-config"]))
+    plan = Plan.model_validate_json(str(config["plan"]))
     labels = {k: int(v) for k, v in json.loads(str(config["labels"])).items()}
-    reference = _state_keys(train_cfg, labels)
+    reference = _state_keys(plan, labels)
     received = parameters_to_ndarrays(fitins.parameters)
     msg.content["arrays"] = ArrayRecord({k: Array(a) for k, a in zip(reference, received, strict=True)})
     msg.content["config"] = config
@@ -121,7 +119,7 @@ class SecureFedAvg(LegacyFedAvg):
 
     def aggregate_fit(self, server_round, results, failures):
         aggregated = super().aggregate_fit(server_round, results, failures)
-        entry = _entry(self.history, server_round)
+        entry = history_entry(self.history, server_round)
         entry["sites"] = len(results)
         entry["failures"] = len(failures)
         self.last_sites = [p.node_id for p, _ in results]
@@ -208,9 +206,10 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
     sites or shares) or that fewer than ``min_sites`` sites finished stops the run with an error."""
     seed_everything(cfg.train.seed)
     out = Path(cfg.out)
-    model = build_network(max(labels.values()) + 1, cfg.train)
+    plan = federation_plan(grid, cfg, labels, num_sites)
+    model = build_network(max(labels.values()) + 1, plan.network)
     min_sites = max(cfg.min_sites or num_sites, 2)
-    done, history = _resume_point(cfg, labels, model)
+    done, history = resume_point(cfg, labels, model)
     history = history or {"rounds": []}
     history["config"] = cfg.model_dump(mode="json")
     history["secure_aggregation"] = {"protocol": "SecAgg+ (Flower SecAggPlusWorkflow)",
@@ -219,12 +218,12 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
                                      "clipping_range": cfg.secagg_clipping_range, "max_weight": cfg.secagg_max_weight,
                                      "quantization_bits": cfg.secagg_quantization_bits}
     # The Message-API strategy only evaluates and keeps the DP accountant (its state resumes as usual).
-    evaluator = build_strategy(cfg, min_sites, history, num_sites=num_sites)
+    evaluator = build_strategy(cfg, min_sites, history, num_sites=num_sites, plan=plan)
     if done:
-        _load_strategy_state(evaluator, out / "checkpoints" / "server_state.pt", done)
+        load_strategy_state(evaluator, out / "checkpoints" / "server_state.pt", done)
         history.setdefault("resumed_after", []).append(done)
         log(INFO, "Resuming %s after round %s of %s (secure aggregation)", out, done, cfg.rounds)
-    record = train_config_record(cfg, labels)
+    record = train_config_record(cfg, labels, plan)
     fit_config = {**dict(record), "secagg-clipping-range": float(cfg.secagg_clipping_range),
                   "secagg-max-weight": float(cfg.secagg_max_weight)}
     strategy = SecureFedAvg(history, fraction_fit=cfg.fraction_train, fraction_evaluate=0.0,
@@ -244,7 +243,7 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
             t0 = time.perf_counter()
             round_config[WorkflowKey.CURRENT_ROUND] = rnd
             workflow(metered, legacy)
-            entry = _entry(history, rnd)
+            entry = history_entry(history, rnd)
             metered.take(entry)
             if entry.get("sites", 0) < min_sites or "loss" not in entry:
                 raise RuntimeError(f"round {rnd}: secure aggregation did not finish with min_sites={min_sites} sites "
@@ -259,7 +258,7 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
             legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(model.state_dict())
             evaluate_round(evaluator, grid, rnd, ArrayRecord(model.state_dict()), record, cfg.round_timeout)
             entry["seconds"] = time.perf_counter() - t0
-            save_round(model, cfg, labels, history, rnd, evaluator)
+            save_round(model, cfg, plan, labels, history, rnd, evaluator)
     finally:
         stop.set()
         thread.join()

@@ -14,9 +14,10 @@ import torch
 from flwr.simulation import run_simulation
 
 from fadal.config import FederationConfig
-from fadal.data.io import FadalInputError
+from fadal.errors import FadalInputError
 from fadal.data.site import parse_labels, read_dataset_json
-from fadal.federated.client_app import SiteRuntime, build_client_app
+from fadal.federated.client_app import build_client_app
+from fadal.federated.site_task import SiteRuntime
 from fadal.federated.server_app import build_server_app
 
 

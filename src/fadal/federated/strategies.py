@@ -4,7 +4,7 @@
 * ``fedprox``: FedAvg on the server; sites add the proximal term (``proximal-mu`` in the train config).
 * ``fedadam`` / ``fedyogi``: Flower's server-side adaptive optimisers (:class:`FedAdam`, :class:`FedYogi`).
 * ``fedbn``: FedAvg over everything except the normalisation layers, which never leave the site
-  (the server does not send them either; see :func:`fadal.federated.client_app.local_train`).
+  (the server does not send them either; see :func:`fadal.federated.site_task.local_train`).
 
 Every strategy averages with weights ``num-examples``: the number of training volumes a site used,
 amplified ones included, so a site that amplified its few labels counts for what it trained on.
@@ -27,6 +27,7 @@ from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyCon
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 
 from fadal.config import FederationConfig
+from fadal.records import Plan
 
 
 # --------------------------------------------------------------------------- privacy accounting
@@ -297,23 +298,28 @@ class RecordingFedYogi(RecordingMixin, FedYogi):
     """Flower's FedYogi with per-round accounting."""
 
 
-def local_state_keys(cfg: FederationConfig) -> list[str]:
+def local_state_keys(cfg: FederationConfig, plan: Plan | None) -> list[str]:
     """Keys that stay at the sites under ``fedbn``: the network's normalisation layers."""
     if cfg.strategy != "fedbn":
         return []
     from fadal.model.net import build_network, norm_state_keys
 
-    keys = norm_state_keys(build_network(2, cfg.train))  # norm layers do not depend on the class count
+    if plan is None:
+        raise ValueError("strategy 'fedbn' needs the run's plan to know the network's normalisation layers")
+    keys = norm_state_keys(build_network(2, plan.network))  # norm layers do not depend on the class count
     if not keys:
-        raise ValueError(f"strategy 'fedbn' needs normalisation layers with parameters; train.norm={cfg.train.norm!r} has none")
+        raise ValueError(f"strategy 'fedbn' needs normalisation layers with parameters; plan.network.norm="
+                         f"{plan.network.norm!r} has none")
     return keys
 
 
-def build_strategy(cfg: FederationConfig, min_sites: int, history: dict, num_sites: int | None = None) -> FedAvg:
+def build_strategy(cfg: FederationConfig, min_sites: int, history: dict, num_sites: int | None = None,
+                   plan: Plan | None = None) -> FedAvg:
+    """The configured strategy; ``plan`` (default ``cfg.plan``) fixes the network FedBN keeps layers of."""
     common = dict(
         evaluate_every=cfg.evaluate_every,
         num_rounds=cfg.rounds,
-        local_keys=local_state_keys(cfg),
+        local_keys=local_state_keys(cfg, plan or cfg.plan),
         privacy=(SitePrivacy(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, num_sites or len(cfg.sites))
                  if cfg.dp_clip is not None else None),
         fraction_train=cfg.fraction_train,

@@ -1,4 +1,5 @@
-"""Sliding-window inference and the way back to the input's exact voxel grid."""
+"""Gaussian-weighted sliding-window inference at the plan's patch size, and the way back to the input's
+exact voxel grid; checkpoints that carry their plan."""
 
 from __future__ import annotations
 
@@ -11,66 +12,84 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
+from pydantic import ValidationError
 
-from fadal.config import PreprocessConfig, TrainConfig
+from fadal.config import TrainConfig
+from fadal.records import Plan
 from fadal.data.io import save_torch
 from fadal.data.preprocess import from_array, inference_transforms, to_metatensor
+from fadal.errors import FadalInputError
 from fadal.model.net import build_network
 
-
-#: Volumes up to this many voxels (on the network's grid) go through the network in one pass. Training
-#: sees whole volumes (no crops) and instance norm takes its statistics over what it sees, so one pass is
-#: also what the network was trained on; and overlapping tiles cost far more: a 112x112x64 volume takes
-#: 0.6 s in one pass vs 2.9 s as 96^3 tiles (1 CPU thread).
-#: 160^3 keeps the largest activation of the default network (16 channels) near 260 MB.
-WHOLE_VOLUME_VOXELS = 160 ** 3
+#: Checkpoint format; a checkpoint of another version is refused (nothing has been released).
+CHECKPOINT_VERSION = 2
 
 
-def window_size(shape: tuple[int, ...], roi_size: tuple[int, int, int], whole_volume_voxels: int) -> tuple[int, ...]:
-    """The sliding-window size: the whole (padded) volume when small enough, else ``roi_size``."""
-    return tuple(shape) if int(np.prod(shape)) <= whole_volume_voxels else tuple(roi_size)
+def network_logits(model: torch.nn.Module, x: torch.Tensor, plan: Plan, device: torch.device, amp: bool = True,
+                   overlap: float = 0.5) -> torch.Tensor:
+    """Logits for a preprocessed (1, 1, X, Y, Z) volume: Gaussian-weighted windows of the patch size (a
+    volume smaller than the patch is padded to it and takes one pass)."""
+    model.to(device).eval()
+    cuda_amp = amp and device.type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.float16) if cuda_amp else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        return sliding_window_inference(x.to(device), tuple(plan.patch_size), sw_batch_size=1, predictor=model,
+                                        overlap=overlap, mode="gaussian")
 
 
-def predict_image(model: torch.nn.Module, image: sitk.Image, pre: PreprocessConfig, device: torch.device,
-                  roi_size: tuple[int, int, int] = (96, 96, 96), amp: bool = True,
-                  whole_volume_voxels: int = WHOLE_VOLUME_VOXELS) -> tuple[sitk.Image, sitk.Image]:
+def predict_image(model: torch.nn.Module, image: sitk.Image, plan: Plan, device: torch.device, amp: bool = True,
+                  overlap: float = 0.5) -> tuple[sitk.Image, sitk.Image]:
     """Segment one CT. Returns (label map, confidence = max class probability), both on ``image``'s grid.
 
     Probabilities (not labels) are resampled back through MONAI's recorded inverse transforms, then
     argmax-ed on the input grid: boundaries stay smooth when the network works at a coarser spacing.
     """
-    transforms = inference_transforms(pre)
+    transforms = inference_transforms(plan.preprocess)
     data = transforms({"image": to_metatensor(image)})
-    x = data["image"].as_tensor()[None].to(device)
-    model.to(device).eval()
-    ctx = torch.autocast("cuda", dtype=torch.float16) if (amp and device.type == "cuda") else contextlib.nullcontext()
-    with torch.no_grad(), ctx:
-        roi = window_size(tuple(x.shape[2:]), roi_size, whole_volume_voxels)
-        logits = sliding_window_inference(x, roi, sw_batch_size=1, predictor=model, overlap=0.25)
+    logits = network_logits(model, data["image"].as_tensor()[None], plan, device, amp, overlap)
     prob = torch.softmax(logits.float(), dim=1)[0].cpu()
     data["pred"] = MetaTensor(prob, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
     back = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False)(data)["pred"]
     back = back.as_tensor().numpy()
-    # Outside the body crop (and the padding) the inverse fills every class with 0: that is background.
+    # Outside the body crop the inverse fills every class with 0: that is background.
     back[0] += np.clip(1.0 - back.sum(0), 0.0, 1.0)
     label = back.argmax(0).astype(np.uint8)
     conf = back.max(0).astype(np.float32)
     return from_array(label, image), from_array(conf, image)
 
 
-def save_checkpoint(model: torch.nn.Module, path: Path, labels: dict[str, int], train_cfg: TrainConfig,
-                    pre: PreprocessConfig, extra: dict | None = None) -> Path:
-    """A checkpoint carries what inference needs: weights, label names, network and preprocessing."""
-    return save_torch({"state_dict": model.state_dict(), "labels": labels, "train": train_cfg.model_dump(mode="json"),
-                       "preprocess": pre.model_dump(mode="json"), **(extra or {})}, path)
+def save_checkpoint(model: torch.nn.Module, path: Path, labels: dict[str, int], plan: Plan, train_cfg: TrainConfig,
+                    extra: dict | None = None) -> Path:
+    """A checkpoint carries what inference needs: weights, label names and the plan (network, preprocessing)."""
+    return save_torch({"format": CHECKPOINT_VERSION, "state_dict": model.state_dict(), "labels": labels,
+                       "plan": plan.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),
+                       **(extra or {})}, path)
 
 
-def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, int], PreprocessConfig, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    train_cfg = TrainConfig.model_validate(ckpt["train"])
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents (tensors and plain data only), or a clear error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FadalInputError(f"{path}: model checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle/zip/runtime errors of several kinds for a non-checkpoint
+        raise FadalInputError(f"{path}: not a FADAL model checkpoint ({type(err).__name__}); give the model.pt "
+                              "written by `fadal train`, `fadal federate` or `fadal amplify`") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_VERSION:
+        found = ckpt.get("format", "none") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise FadalInputError(f"{path}: checkpoint format {found}, this FADAL reads format {CHECKPOINT_VERSION}; "
+                              "retrain with this version")
+    return ckpt
+
+
+def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, int], Plan, dict]:
+    ckpt = read_checkpoint(path)
+    try:
+        plan = Plan.model_validate(ckpt["plan"])
+    except ValidationError as err:
+        raise FadalInputError(f"{path}: the checkpoint's plan is invalid ({err.error_count()} errors)") from None
     labels = {k: int(v) for k, v in ckpt["labels"].items()}
-    model = build_network(max(labels.values()) + 1, train_cfg)
+    model = build_network(max(labels.values()) + 1, plan.network)
     model.load_state_dict(ckpt["state_dict"])
-    # A checkpoint from before the body crop existed was trained on whole fields of view: keep it so.
-    pre = {"crop_to_body": False, **ckpt["preprocess"]}
-    return model, labels, PreprocessConfig.model_validate(pre), ckpt
+    return model, labels, plan, ckpt

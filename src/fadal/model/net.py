@@ -1,32 +1,43 @@
-"""The segmentation network: a MONAI 3D U-Net, sized by configuration."""
+"""The segmentation network (MONAI), built from the plan's :class:`~fadal.config.NetworkConfig`."""
 
 from __future__ import annotations
 
 import torch
-from monai.networks.nets import UNet
+from monai.networks.nets import DynUNet, UNet
 
-from fadal.config import TrainConfig
+from fadal.records import NetworkConfig
 
 
 _NORMS = {"instance": "instance", "instance-affine": ("instance", {"affine": True}), "batch": "batch"}
 
 
-def build_network(num_classes: int, cfg: TrainConfig | None = None) -> torch.nn.Module:
-    """3D U-Net with instance normalisation (``cfg.norm``).
+def build_network(num_classes: int, cfg: NetworkConfig | None = None) -> torch.nn.Module:
+    """UNet (CPU default) or DynUNet (nnU-Net's architecture, GPU default), normalised by ``cfg.norm``.
 
     Instance norm keeps no running statistics, so nothing scanner-specific is averaged across sites
     by federated aggregation (batch-norm statistics from different scanners do not mix well).
     ``instance-affine`` adds a learned per-channel scale/shift: FedBN keeps those at each site.
+    In training mode a DynUNet with deep supervision returns (B, 1 + heads, C, ...), every head
+    upsampled to the input size; in eval mode it returns the main output only.
     """
-    cfg = cfg or TrainConfig()
+    cfg = cfg or NetworkConfig()
     channels = tuple(cfg.channels)
+    levels = len(channels)
+    if cfg.architecture == "dynunet":
+        return DynUNet(
+            spatial_dims=3, in_channels=1, out_channels=num_classes,
+            kernel_size=[3] * levels, strides=[1] + [2] * (levels - 1), upsample_kernel_size=[2] * (levels - 1),
+            filters=list(channels), norm_name=_NORMS[cfg.norm],
+            deep_supervision=cfg.deep_supervision > 0, deep_supr_num=max(1, min(cfg.deep_supervision, levels - 2)),
+            res_block=True,
+        )
     return UNet(
         spatial_dims=3,
         in_channels=1,
         out_channels=num_classes,
         channels=channels,
-        strides=(2,) * (len(channels) - 1),
-        num_res_units=1,
+        strides=(2,) * (levels - 1),
+        num_res_units=cfg.res_units,
         norm=_NORMS[cfg.norm],
     )
 
@@ -41,15 +52,3 @@ def norm_state_keys(model: torch.nn.Module) -> list[str]:
 def pick_device() -> torch.device:
     """CUDA when present (users train on GPUs), the CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def state_arrays(model: torch.nn.Module) -> list:
-    """Model parameters as numpy arrays in state-dict order (what crosses the wire in federation)."""
-    return [v.detach().cpu().numpy() for v in model.state_dict().values()]
-
-
-def load_state_arrays(model: torch.nn.Module, arrays: list) -> None:
-    keys = list(model.state_dict().keys())
-    if len(keys) != len(arrays):
-        raise ValueError(f"model has {len(keys)} tensors, received {len(arrays)}: model/label-set mismatch?")
-    model.load_state_dict({k: torch.as_tensor(a) for k, a in zip(keys, arrays)}, strict=True)

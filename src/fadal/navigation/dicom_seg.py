@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from fadal.data.io import DIRECTION_TOL, SPACING_TOL_MM, FadalInputError, atomic_path
+from fadal.data.io import DIRECTION_TOL, SPACING_TOL_MM, atomic_path
+from fadal.errors import FadalInputError
 
 log = logging.getLogger(__name__)
 

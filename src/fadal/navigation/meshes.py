@@ -25,7 +25,8 @@ import SimpleITK as sitk
 import trimesh
 from scipy import ndimage
 
-from fadal.data.io import FadalInputError, atomic_write_bytes, write_json
+from fadal.data.io import atomic_write_bytes, write_json
+from fadal.errors import FadalInputError
 
 log = logging.getLogger(__name__)
 

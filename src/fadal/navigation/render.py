@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from fadal.data.io import FadalInputError, atomic_write_bytes, resample_like, same_geometry
+from fadal.data.io import atomic_write_bytes, resample_like, same_geometry
+from fadal.errors import FadalInputError
 
 log = logging.getLogger(__name__)
 

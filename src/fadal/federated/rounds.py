@@ -1,0 +1,117 @@
+"""What both server loops (plain and SecAgg+) share: the train config a round sends, the resume point,
+history entries, the strategy's state, and the round's checkpoints."""
+
+from __future__ import annotations
+
+import json
+from logging import WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from fadal.config import FederationConfig
+from fadal.data.io import save_torch, write_json
+from fadal.errors import FadalInputError
+from fadal.model.infer import read_checkpoint, save_checkpoint
+from fadal.records import Plan
+
+
+def train_config_record(cfg: FederationConfig, labels: dict[str, int], plan: Plan) -> ConfigRecord:
+    """Everything a site needs to train the same network the same way (no data, no paths).
+
+    Read by :func:`fadal.federated.site_task.local_train`: ``local-steps`` of this round within
+    ``total-steps`` (the learning-rate schedule's length), the ``plan``, ``proximal-mu`` (FedProx term, 0 unless
+    strategy 'fedprox'), ``local-norm`` (FedBN: keep normalisation layers at the site),
+    ``transfer-dtype``, ``partial-label-mode``/``distill-*`` (ConDistFL) and ``dp-clip``/``dp-noise-multiplier``
+    (client-side differential privacy; ``dp-clip`` 0 = off)."""
+    return ConfigRecord({
+        "local-steps": cfg.local_steps,
+        "total-steps": cfg.local_steps * cfg.rounds,
+        "train-config": cfg.train.model_dump_json(),
+        "plan": plan.model_dump_json(),
+        "labels": json.dumps(labels),
+        "strategy": cfg.strategy,
+        "proximal-mu": float(cfg.proximal_mu) if cfg.strategy == "fedprox" else 0.0,
+        "local-norm": cfg.strategy == "fedbn",
+        "transfer-dtype": cfg.transfer_dtype,
+        "partial-label-mode": cfg.partial_label_mode,
+        "distill-weight": float(cfg.distill_weight),
+        "distill-temperature": float(cfg.distill_temperature),
+        "dp-clip": float(cfg.dp_clip or 0.0),
+        "dp-noise-multiplier": float(cfg.dp_noise_multiplier),
+    })
+
+
+def resume_point(cfg: FederationConfig, labels: dict[str, int], model: torch.nn.Module) -> tuple[int, dict | None]:
+    """Last finished round of an earlier run in ``cfg.out`` (weights loaded into ``model``) and its history.
+
+    ``global_model.pt`` is written last in each round, so its round is the one to continue from;
+    history entries of later rounds (written just before a crash) are dropped and redone.
+    """
+    out = Path(cfg.out)
+    ckpt_path, hist_path = out / "global_model.pt", out / "history.json"
+    if not (cfg.resume and ckpt_path.exists() and hist_path.exists()):
+        return 0, None
+    ckpt = read_checkpoint(ckpt_path)
+    try:
+        if {k: int(v) for k, v in ckpt["labels"].items()} != labels:
+            raise ValueError(f"labels {ckpt['labels']} differ from {labels}")
+        model.load_state_dict(ckpt["state_dict"])
+    except (ValueError, RuntimeError) as err:
+        raise FadalInputError(f"{ckpt_path}: cannot resume this earlier run ({err}); use a new `out:` or "
+                              "`resume: false`") from err
+    done = int(ckpt["round"])
+    history = json.loads(hist_path.read_text())
+    history["rounds"] = [r for r in history.get("rounds", []) if r["round"] <= done]
+    return done, history
+
+
+#: Strategy attributes that must survive a restart: FedAdam/FedYogi moments, the DP accountant.
+STATEFUL = ("m_t", "v_t", "privacy")
+
+
+def save_strategy_state(strategy, path: Path, server_round: int) -> None:
+    state = {k: getattr(strategy, k) for k in STATEFUL if getattr(strategy, k, None) is not None}
+    if state:
+        save_torch({"round": server_round, **state}, path)
+
+
+def load_strategy_state(strategy, path: Path, server_round: int) -> None:
+    if not path.exists():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["round"] != server_round:
+        log(WARNING, "%s is of round %s, not %s: strategy state starts afresh", path, state["round"], server_round)
+        return
+    for key in STATEFUL:
+        if key in state:
+            setattr(strategy, key, state[key])
+
+
+def history_entry(history: dict, server_round: int) -> dict:
+    """This round's history entry (the strategy records sites, loss and bytes in it)."""
+    for entry in history["rounds"]:
+        if entry["round"] == server_round:
+            return entry
+    history["rounds"].append({"round": server_round})
+    return history["rounds"][-1]
+
+
+def evaluate_round(strategy, grid: Grid, rnd: int, arrays: ArrayRecord, record: ConfigRecord, timeout: float) -> None:
+    """Federated evaluation of the global model when ``strategy`` says it is due (Dice into the history)."""
+    evaluate = list(strategy.configure_evaluate(rnd, arrays, record, grid))
+    if evaluate:
+        strategy.aggregate_evaluate(rnd, grid.send_and_receive(evaluate, timeout=timeout))
+
+
+def save_round(model: torch.nn.Module, cfg: FederationConfig, plan: Plan, labels: dict[str, int], history: dict,
+               rnd: int, strategy) -> None:
+    """Round checkpoint, history and server state; ``global_model.pt`` last (the round a restart continues from)."""
+    out = Path(cfg.out)
+    save_checkpoint(model, out / "checkpoints" / f"round_{rnd:03d}.pt", labels, plan, cfg.train, {"round": rnd})
+    write_json(history, out / "history.json")
+    save_strategy_state(strategy, out / "checkpoints" / "server_state.pt", rnd)
+    save_checkpoint(model, out / "global_model.pt", labels, plan, cfg.train, {"round": rnd})

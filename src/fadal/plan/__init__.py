@@ -1,0 +1,1 @@
+"""Dataset fingerprints (per site, aggregate only) and the planner that turns them into a Plan."""
