@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/fadal demo --out demo_out
 
 test: $(VENV)/.installed
-	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(PY) -m pytest -q
+	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

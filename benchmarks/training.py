@@ -68,6 +68,9 @@ def run_fadal(view: Path, minutes: float, threads: int, seed: int) -> dict:
             print(f"step {step} {elapsed:.0f} s loss {loss:.3f}", flush=True)
 
     result = fit(model, sampler, plan, cfg, pick_device(), steps=10 ** 9, minutes=minutes, progress=progress)
+    from fadal.model.infer import save_checkpoint
+
+    save_checkpoint(model, view.parent / "fadal_model.pt", site.labels, plan, cfg, {"steps": result.steps})
     t0 = time.perf_counter()
     scored = evaluate_model_on_cases(model, site, site.test, plan, pick_device())
     t_eval = time.perf_counter() - t0
@@ -78,6 +81,7 @@ def run_fadal(view: Path, minutes: float, threads: int, seed: int) -> dict:
         "seconds_per_step": result.seconds / max(result.steps, 1), "plan_seconds": t_plan, "load_seconds": t_load,
         "eval_seconds": t_eval, "predict_seconds_per_case": t_eval / max(len(site.test), 1),
         "train_cases": len(items), "eval_cases": len(site.test), "final_loss": result.loss,
+        "checkpoint": str(view.parent / "fadal_model.pt"),
         "dice": {o: summary[o]["dice"] for o in organs}, "hd95_mm": {o: summary[o].get("hd95") for o in organs},
         "n": {o: summary[o].get("n") for o in organs}, "mean_dice": summary["mean"]["dice"],
         "torch_threads": torch.get_num_threads(),

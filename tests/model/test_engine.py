@@ -124,7 +124,7 @@ def test_dynunet_with_deep_supervision_trains_and_predicts_one_output(tmp_path):
 def test_the_engine_learns_the_tiny_organs(tmp_path):
     """60 steps of a tiny UNet on two tiny scans: both organs are found on the held-out scan.
 
-    Measured over seeds 0-4: mean Dice 0.91-0.96 (untrained: < 0.2)."""
+    Measured over seeds 0-4: mean Dice 0.88-0.93 (untrained: 0.06-0.12)."""
     from fadal.evaluate.evaluate import evaluate_model_on_cases
 
     plan = tiny_plan((8, 16), spacing_mm=4.0)
