@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from typer.testing import CliRunner
 
 from fadal.federated import deploy
+from fadal_testing import tiny_plan
 
 try:
     import tomllib
@@ -132,8 +133,7 @@ class Federation:
             "rounds": 2, "local_steps": 2, "evaluate_every": 0, "out": f"runs/{name}",
             "sites": [{"name": s, "data": str(self.data[s])} for s in SITES],
             "train": {"num_threads": 1, "seed": 0},
-            # No plan: the sites send their fingerprints through the deployment engine first.
-            "planner": {"channels": [4, 8], "patch_size": [16, 16, 16], "spacing_mm": [8, 8, 8]},
+            "plan": tiny_plan((4, 8), spacing_mm=8.0).model_dump(mode="json"),
             **overrides,
         }
         path = self.root / f"{name}.yaml"
@@ -248,7 +248,10 @@ def test_three_hospitals_two_rounds_over_tls(running):
     """The coordinator's command, `fadal federate --deployment`, against the running federation."""
     from fadal.cli import app
 
-    res = CliRunner().invoke(app, ["federate", "--config", str(running.config("plain")), "--deployment",
+    # No plan: the sites send their fingerprints through the deployment engine first, then train.
+    plain = running.config("plain", plan=None,
+                           planner={"channels": [4, 8], "patch_size": [16, 16, 16], "spacing_mm": [8, 8, 8]})
+    res = CliRunner().invoke(app, ["federate", "--config", str(plain), "--deployment",
                                    "--server", f"127.0.0.1:{running.port}", "--certs", str(running.root / "certs"),
                                    "--home", str(running.coordinator_home)])
     assert res.exit_code == 0, res.output[-4000:] + running.logs()
@@ -257,6 +260,7 @@ def test_three_hospitals_two_rounds_over_tls(running):
     out = running.out("plain")
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history["rounds"]] == [1, 2]
+    assert json.loads((out / "plan.json").read_text())["fingerprint"]["sites"] == len(SITES)  # merged at the coordinator
     assert all(r["sites"] == 3 and r["failures"] == 0 and r["bytes_up"] > 0 for r in history["rounds"])
     assert (out / "checkpoints" / "round_001.pt").exists() and (out / "checkpoints" / "round_002.pt").exists()
     assert checkpoint_round(out / "global_model.pt") == 2
