@@ -128,9 +128,13 @@ def train(
             raise FadalInputError("no sites: give --site DIR or `sites:` in the --config YAML")
         the_plan = cfg.plan
         if plan_file is not None:
-            the_plan = Plan.model_validate_json(plan_file.read_text()) if plan_file.exists() else None
-            if the_plan is None:
+            if not plan_file.is_file():
                 raise FadalInputError(f"{plan_file}: plan file not found")
+            try:
+                the_plan = Plan.model_validate_json(plan_file.read_text())
+            except ValueError as err:  # pydantic's ValidationError is a ValueError
+                raise FadalInputError(f"{plan_file}: not a valid plan ({str(err).splitlines()[0]}); make one with "
+                                      "`fadal plan`") from None
         budget_min = minutes or cfg.train.minutes
         total = steps or (10 ** 9 if budget_min else cfg.train.steps)
         with _progress() as prog:  # the bar counts steps, or seconds of a --minutes budget

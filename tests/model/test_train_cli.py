@@ -43,3 +43,12 @@ def test_predict_with_a_file_that_is_not_a_checkpoint_is_one_clear_line(tmp_path
     assert result.exit_code == 2
     assert "model.pt: not a FADAL model checkpoint" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_train_with_a_broken_plan_file_is_one_clear_line(tmp_path):
+    site = write_site(tmp_path / "site", n_labeled=1, n_unlabeled=0, n_test=0)
+    (tmp_path / "plan.json").write_text('{"patch_size": [30, 32, 32]}')
+    result = CliRunner().invoke(app, ["train", "--site", str(site), "--plan", str(tmp_path / "plan.json"),
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "plan.json: not a valid plan" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
