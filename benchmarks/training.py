@@ -37,7 +37,8 @@ def split_ids(meta: dict, split: str) -> list[str]:
     return sorted(c for c, m in meta.items() if m.get("official_split", m.get("split")) == split)
 
 
-def run_fadal(view: Path, minutes: float, threads: int, seed: int) -> dict:
+def run_fadal(view: Path, minutes: float, threads: int, seed: int, balance: str = "case",
+              foreground_fraction: float | None = None) -> dict:
     import torch
 
     from fadal.config import PlannerConfig, TrainConfig
@@ -48,7 +49,9 @@ def run_fadal(view: Path, minutes: float, threads: int, seed: int) -> dict:
     from fadal.model.patches import site_training_items
     from fadal.plan.planner import plan_for_sites
 
-    cfg = TrainConfig(seed=seed, num_threads=threads, minutes=minutes)
+    cfg = TrainConfig(seed=seed, num_threads=threads, minutes=minutes, foreground_balance=balance)
+    if foreground_fraction is not None:
+        cfg = cfg.model_copy(update={"foreground_fraction": foreground_fraction})
     seed_everything(cfg.seed, cfg.num_threads)
     t0 = time.perf_counter()
     site = load_site(view, validate=False)
@@ -84,7 +87,7 @@ def run_fadal(view: Path, minutes: float, threads: int, seed: int) -> dict:
         "checkpoint": str(view.parent / "fadal_model.pt"),
         "dice": {o: summary[o]["dice"] for o in organs}, "hd95_mm": {o: summary[o].get("hd95") for o in organs},
         "n": {o: summary[o].get("n") for o in organs}, "mean_dice": summary["mean"]["dice"],
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "train_config": cfg.model_dump(mode="json"),
     }
 
 
@@ -121,6 +124,8 @@ def table(fadal: dict | None, peer: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from fadal.config import TrainConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train-data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--eval-data", type=Path, default=None, help="Default: --train-data.")
@@ -131,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-eval", type=int, default=0, help="Score at most this many evaluation cases (0 = all).")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--balance", choices=("case", "dataset"), default=None,
+                    help="Foreground sampling balance (default: TrainConfig's).")
+    ap.add_argument("--foreground-fraction", type=float, default=None, help="Default: TrainConfig's.")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-fadal", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_training")
@@ -149,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     view = write_view(a.out / "view", a.train_data, eval_data, train_ids, eval_ids)
     results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                      "train_cases": len(train_ids), "eval_cases": len(eval_ids)}
-    fadal = None if a.skip_fadal else run_fadal(view, a.minutes, a.threads, a.seed)
+    fadal = None if a.skip_fadal else run_fadal(view, a.minutes, a.threads, a.seed,
+                                                  a.balance or TrainConfig().foreground_balance, a.foreground_fraction)
     results["fadal"] = fadal
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
     peer = None

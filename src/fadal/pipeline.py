@@ -20,7 +20,7 @@ from fadal.data.io import write_json
 from fadal.errors import FadalInputError
 from fadal.data.site import load_site
 from fadal.model.infer import load_checkpoint, save_checkpoint
-from fadal.model.engine import Progress, seed_everything, train_model
+from fadal.model.engine import Progress, train_model
 from fadal.model.net import pick_device
 from fadal.model.patches import site_training_items
 
@@ -40,7 +40,6 @@ def train_centralised(sites: Sequence[SiteSpec], out: Path, train_cfg: TrainConf
 
     Without a ``plan``, the sites' fingerprints are measured and planned (``planner``); the plan goes into
     the checkpoint and ``out/plan.json``."""
-    seed_everything(train_cfg.seed, train_cfg.num_threads)
     loaded = [load_site(s.data, name=s.name) for s in sites]
     labels = loaded[0].labels
     for site in loaded[1:]:

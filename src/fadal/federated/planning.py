@@ -17,12 +17,11 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fadal.config import FederationConfig
-from fadal.records import Plan
 from fadal.data.io import write_json
 from fadal.model.infer import read_checkpoint
 from fadal.plan.fingerprint import merge_fingerprints
 from fadal.plan.planner import make_plan
-from fadal.records import Fingerprint
+from fadal.records import Fingerprint, Plan
 
 FINGERPRINT_TASK = "fingerprint"
 

@@ -36,7 +36,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fadal.config import TrainConfig
-from fadal.records import Plan, PreprocessConfig
+from fadal.records import Plan
 from fadal.data.io import save_torch
 from fadal.errors import FadalInputError
 from fadal.data.site import Site, load_site
@@ -307,6 +307,6 @@ def local_fingerprint(msg: Message, runtime: SiteRuntime) -> Message:
 
     labels = {k: int(v) for k, v in json.loads(str(msg.content["config"]["labels"])).items()}
     site = load_site_for(runtime, labels)
-    fingerprint = site_fingerprint(site, PreprocessConfig().body_threshold_hu)
+    fingerprint = site_fingerprint(site)
     return Message(RecordDict({"fingerprint": ConfigRecord({"fingerprint": fingerprint.model_dump_json()})}),
                    reply_to=msg)

@@ -122,5 +122,5 @@ def plan_for_sites(sites, cfg: PlannerConfig | None = None) -> Plan:
     from fadal.plan.fingerprint import merge_fingerprints, site_fingerprint
 
     cfg = cfg or PlannerConfig()
-    prints = [site_fingerprint(s, PreprocessConfig().body_threshold_hu) for s in sites]
+    prints = [site_fingerprint(s) for s in sites]
     return make_plan(merge_fingerprints(prints), sites[0].labels, cfg)
