@@ -219,9 +219,10 @@ class TrainConfig(_Strict):
                                        "an organ drawn in that case, chosen uniformly among them (small organs are "
                                        "seen as often as large ones); the rest are centred anywhere.")
     foreground_balance: Literal["case", "dataset"] = Field(
-        "case", description="How the organ of a foreground patch is chosen: 'case' uniformly among the organs the "
-        "drawn case annotated; 'dataset' uniformly among all organs any case annotated, then a case that drew it "
-        "(rarely annotated organs are seen as often as the others).")
+        "dataset", description="How the organ of a foreground patch is chosen: 'dataset' uniformly among all organs "
+        "any case annotated, then a case that drew it (rarely annotated organs are seen as often as the others; "
+        "on OpenKBP, where 59 of 170 cases draw the esophagus, this took its Dice from 0.00 to 0.57); 'case' "
+        "uniformly among the organs the drawn case annotated.")
     augment: AugmentConfig = AugmentConfig()
     confidence_threshold: float = Field(
         0.7, ge=0, le=1, description="Amplified-label voxels with lower fusion confidence are ignored by the loss."

@@ -208,7 +208,7 @@ class PatchSampler:
 
     def __init__(self, volumes: Sequence[Volume], plan: Plan, foreground_fraction: float,
                  augment: AugmentConfig, num_classes: int, extra: Sequence[torch.utils.data.Dataset] = (),
-                 seed: int = 0, balance: str = "case") -> None:
+                 seed: int = 0, balance: str = "dataset") -> None:
         if not volumes and not extra:
             raise ValueError("nothing to train on: no volumes and no extra datasets")
         if balance not in ("case", "dataset"):
