@@ -100,6 +100,8 @@ def site(
                                              "pseudo-labels too."),
     cache: Optional[Path] = typer.Option(None, help="Local cache (preprocessed volumes, site-local layers); "
                                          "default DATA/.fadal_cache."),
+    policy: Optional[Path] = typer.Option(None, help="This site's privacy policy (YAML, fadal.config.SitePolicy): "
+                                          "messages that break it are refused."),
     port: int = typer.Option(9094, help="Local port of the SuperNode's runtime API (loopback only; open nothing)."),
     home: Optional[Path] = typer.Option(None, help="Flower's state folder (default ~/.fadal/flower/site-NAME)."),
     restart_after: float = typer.Option(15.0, help="Seconds before restarting the SuperNode when it exits with an "
@@ -110,11 +112,14 @@ def site(
     Only model parameters and allow-listed scalar metrics leave this machine. Ctrl-C stops it."""
     import time
 
+    from fadal.config import SitePolicy, load_yaml
     from fadal.data.site import load_site
     from fadal.federated import deploy
 
     try:
         found = load_site(data, name=name, validate=False)
+        if policy is not None:
+            load_yaml(SitePolicy, policy)  # a broken policy file stops here, not in every ClientApp
     except FadalInputError as err:
         fail(err)
     console.print(f"{name}: {len(found.labeled)} labeled, {len(found.unlabeled)} unlabeled, {len(found.test)} "
@@ -123,7 +128,7 @@ def site(
     while True:
         try:
             proc = deploy.start_supernode(party_certs(certs, name), server, data, name, port, flwr_home,
-                                          cache_dir=cache, amplified=amplified)
+                                          cache_dir=cache, amplified=amplified, policy=policy)
         except FadalInputError as err:
             fail(err)
         code = deploy.wait_foreground([proc])

@@ -232,6 +232,58 @@ class TrainConfig(_Strict):
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default.")
 
 
+class SitePolicy(_Strict):
+    """A hospital's own privacy policy (`fadal site --policy site_policy.yaml`; in simulation `sites[].policy`).
+
+    The site checks every message against it before any work (federated/policy.py): a message asking
+    for less privacy or more compute than it allows is refused with an error, never adjusted or
+    silently followed. The defaults allow everything, so an empty policy changes nothing."""
+
+    dp_required: bool = Field(False, description="Train only with client-side DP: dp-clip > 0 and a noise "
+                              "multiplier > 0 (and >= min_noise_multiplier).")
+    min_noise_multiplier: float = Field(0.0, ge=0, description="Smallest dp-noise-multiplier accepted; > 0 implies "
+                                        "dp_required.")
+    max_clip: float | None = Field(None, gt=0, description="Largest dp-clip accepted (the noise is relative to it).")
+    epsilon_budget: float | None = Field(None, gt=0, description="This site's total epsilon over every round of "
+                                         "every run (the ledger): a training message whose release would exceed it is "
+                                         "refused. Implies dp_required.")
+    epsilon_delta: float = Field(1e-5, gt=0, lt=1, description="Delta at which the ledger's epsilon is computed.")
+    ledger: Path | None = Field(None, description="The epsilon ledger (JSON, mode 0600); default "
+                                "CACHE/privacy_ledger.json in the site's local state folder.")
+    secure_aggregation_required: bool = Field(False, description="Answer training only through SecAgg+: a plain "
+                                              "train message (the model in the clear) is refused.")
+    min_reconstruction_threshold: int = Field(0, ge=0, description="SecAgg+: refuse a set-up whose reconstruction "
+                                              "threshold (sites that must collude to rebuild this site's mask) is "
+                                              "lower (never below 2 in any case).")
+    local_norm_required: bool = Field(False, description="FedBN: the normalisation layers never leave the site; a "
+                                      "train message without local-norm is refused.")
+    evaluation_metrics: bool = Field(True, description="Answer federated evaluation (Dice on the site's held-out "
+                                     "cases); false: evaluate messages are refused.")
+    fingerprint: bool | None = Field(None, description="Answer the planning query with the dataset fingerprint; "
+                                     "None = yes unless DP is required (the fingerprint is not noised).")
+    max_local_steps: int | None = Field(None, ge=1, description="Most optimiser steps per round.")
+    max_patch_voxels: int | None = Field(None, ge=1, description="Most voxels in one patch (plan.patch_size).")
+    max_batch_voxels: int | None = Field(None, ge=1, description="Most voxels in one batch (patch x batch_size).")
+    max_parameters: int | None = Field(None, ge=1, description="Most parameters of the network the plan describes.")
+    max_threads: int | None = Field(None, ge=1, description="Most torch CPU threads; a message asking for 0 "
+                                    "(torch's default) gets this many.")
+
+    @property
+    def requires_dp(self) -> bool:
+        return self.dp_required or self.min_noise_multiplier > 0 or self.epsilon_budget is not None
+
+    @property
+    def answers_fingerprint(self) -> bool:
+        return (not self.requires_dp) if self.fingerprint is None else self.fingerprint
+
+    @model_validator(mode="after")
+    def _satisfiable(self) -> "SitePolicy":
+        if self.local_norm_required and self.secure_aggregation_required:
+            raise ValueError("local_norm_required (FedBN) and secure_aggregation_required cannot both hold: "
+                             "SecAgg+ aggregates whole models")
+        return self
+
+
 class SiteSpec(_Strict):
     """One hospital's data as federation sees it (only the site itself ever reads these paths)."""
 
@@ -239,6 +291,8 @@ class SiteSpec(_Strict):
     data: Path = Field(description="Site folder in nnU-Net v2 / MSD layout.")
     amplified: Path | None = Field(None, description="Output folder of `fadal amplify` for this site, if used.")
     use_amplified: bool = Field(False, description="Train on amplified pseudo-labels as well as the real labels.")
+    policy: SitePolicy | None = Field(None, description="Simulation only: this site's privacy policy, as `fadal site "
+                                      "--policy` gives it in a deployment.")
 
 
 class FedOptConfig(_Strict):
@@ -384,7 +438,11 @@ def load_yaml(model: type[BaseModel], path: str | Path) -> BaseModel:
             site.data = _rel(site.data, path.parent)
             if site.amplified is not None:
                 site.amplified = _rel(site.amplified, path.parent)
+            if site.policy is not None and site.policy.ledger is not None:
+                site.policy.ledger = _rel(site.policy.ledger, path.parent)
         cfg.out = _rel(cfg.out, path.parent)
+    if isinstance(cfg, SitePolicy) and cfg.ledger is not None:
+        cfg.ledger = _rel(cfg.ledger, path.parent)
     return cfg
 
 

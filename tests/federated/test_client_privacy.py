@@ -69,9 +69,18 @@ def test_evaluate_reply_holds_only_scalar_metrics(tmp_path):
 
 
 def test_reply_refuses_non_allowlisted_metric():
+    from fadal.errors import SiteRefusal
+
     model = build_network(3, PLAN.network)
-    with pytest.raises(ValueError, match="non-allow-listed"):
+    with pytest.raises(SiteRefusal, match="non-allow-listed"):
         reply(_message(model), {"case_000-volume": 1.0})
+    # dice-* is pinned to the federation's organs: no per-case (or any other) key hides behind it.
+    organs = ("organA", "organB")
+    for key in ("dice-case_007", "dice-organC", "dice-"):
+        with pytest.raises(SiteRefusal, match="non-allow-listed"):
+            reply(_message(model), {key: 0.5}, organs=organs)
+    sent = reply(_message(model), {"dice-organA": 0.5, "dice-mean": 0.5, "num-examples": 1}, organs=organs)
+    assert set(sent.content["metrics"]) == {"dice-organA", "dice-mean", "num-examples"}
 
 
 def test_label_set_mismatch_is_a_clear_error(tmp_path):

@@ -15,12 +15,9 @@ from fadal.config import FederationConfig, SiteSpec, TrainConfig
 from fadal_testing import tiny_plan
 from fadal.federated.site_task import ALLOWED_METRICS, privatise_update
 from fadal.federated.rounds import train_config_record
-from fadal.federated.strategies import (
-    GaussianRdpAccountant,
-    build_strategy,
-    gaussian_rdp_epsilon,
-    make_accountant,
-)
+from fadal.federated.privacy import (GaussianRdpAccountant, SitePrivacy, composed_epsilon, gaussian_rdp_epsilon,
+                                    make_accountant)
+from fadal.federated.strategies import build_strategy
 from fadal.model.net import build_network, norm_state_keys
 
 TINY = TrainConfig(seed=4)
@@ -127,20 +124,62 @@ def test_dp_rounds_report_epsilon_per_site(tmp_path):
         before = arrays.to_torch_state_dict()
         _, replies, arrays, _ = drive_round(strategy, rnd, arrays, record, sites)
         eps = history["rounds"][-1]["epsilon"]
-        assert eps == pytest.approx(gaussian_rdp_epsilon(1.5, rnd, 1e-6)[0], rel=0.05)
+        # Replace-one adjacency: sensitivity 2 x clip, so the effective noise multiplier is 1.5 / 2.
+        assert eps == pytest.approx(gaussian_rdp_epsilon(0.75, rnd, 1e-6)[0], rel=0.05)
     assert history["rounds"][0]["epsilon"] < history["rounds"][1]["epsilon"] < history["rounds"][2]["epsilon"]
     privacy = history["privacy"]
     assert privacy["clip"] == 0.5 and privacy["noise_multiplier"] == 1.5 and privacy["delta"] == 1e-6
     assert privacy["releases_per_site"] == {"11": 3, "12": 3}
     # The server saves the accounting with its state to resume a run: it must survive pickling.
-    import pickle
-
-    assert pickle.loads(pickle.dumps(strategy.privacy)).epsilon() == pytest.approx(eps)
+    restored = SitePrivacy(0.5, 1.5, 1e-6, 2)
+    restored.load_state_dict(torch.load(_saved(strategy.privacy.state_dict(), tmp_path), weights_only=True))
+    assert restored.epsilon() == pytest.approx(eps)
     # What the server received is noisy: each site's update is far larger than the clip norm
     # (noise std 0.75 per element), i.e. the noise was added at the site, before sending.
     received = replies[0].content["arrays"].to_torch_state_dict()
     update = torch.cat([(received[k] - before[k]).flatten() for k in before])
     assert float(update.std()) == pytest.approx(0.75, rel=0.15)
+
+
+def _saved(obj, tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(obj, path)
+    return path
+
+
+def reference_rdp_epsilon(clip: float, noise_multiplier: float, releases: int, delta: float) -> float:
+    """Written here from the definitions, independently of fadal: ``releases`` Gaussian mechanisms
+    with noise std ``noise_multiplier * clip`` on an update whose L2 sensitivity is ``2 * clip``
+    (replace-one: one site's whole dataset replaced, each clipped update anywhere in the clip ball).
+    RDP of order a: a * sensitivity^2 / (2 std^2) per release (Mironov 2017, Prop. 7), summed;
+    to (eps, delta) by Balle et al. 2020, Thm 21; minimised over a with scipy."""
+    from scipy.optimize import minimize_scalar
+
+    sensitivity, std = 2.0 * clip, noise_multiplier * clip
+
+    def eps(a):
+        rdp = releases * a * sensitivity ** 2 / (2.0 * std ** 2)
+        return rdp + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
+
+    best = min((minimize_scalar(eps, bounds=(lo, hi), method="bounded", options={"xatol": 1e-9})
+                for lo, hi in ((1.0 + 1e-6, 2.0), (2.0, 64.0), (64.0, 1e5))), key=lambda r: r.fun)
+    return max(float(best.fun), 0.0)
+
+
+@pytest.mark.parametrize("clip,sigma,releases", [(0.5, 1.5, 3), (1.0, 1.0, 10), (2.0, 4.0, 50), (0.1, 0.8, 1)])
+def test_epsilon_matches_a_reference_accountant_for_replace_one_adjacency(clip, sigma, releases):
+    delta = 1e-6
+    privacy = SitePrivacy(clip, sigma, delta, num_sites=3)
+    for _ in range(releases):
+        eps = privacy.record([11, 12])
+    reference = reference_rdp_epsilon(clip, sigma, releases, delta)
+    assert eps == pytest.approx(reference, rel=2e-3)
+    # It bounds the exact epsilon of that mechanism (mu-GDP with mu = sqrt(T) * 2C / (sigma C)) from above.
+    assert exact_gaussian_epsilon(sigma / 2, releases, delta) <= eps * (1 + 1e-6)
+    # A site's ledger accounts its releases the same way, also with mixed settings across runs.
+    assert composed_epsilon([sigma] * releases, delta) == pytest.approx(reference, rel=2e-3)
+    summary = privacy.summary()
+    assert "replace-one" in summary["neighbouring"] and summary["sensitivity"] == pytest.approx(2 * clip)
 
 
 def _recording_mod(folder):
@@ -211,6 +250,9 @@ def test_every_message_a_site_sends_holds_only_arrays_and_allowed_scalars(tmp_pa
         for key, (typ, value) in records["metrics"]["metrics"].items():
             assert key in ALLOWED_METRICS or key.startswith("dice-") and key[5:] in LABELS, key
             assert typ in ("int", "float") and math.isfinite(value), (key, typ, value)
+        # Under DP no data-dependent scalar leaves: weight 1 for training, nothing for evaluation.
+        expected_metrics = {"num-examples": ["int", 1]} if desc["type"] == "train" else {}
+        assert records["metrics"]["metrics"] == expected_metrics, desc
         if "arrays" in records:
             arrays = records["arrays"]["arrays"]
             assert set(arrays) == model_keys - norm  # FedBN: norm layers never leave the site

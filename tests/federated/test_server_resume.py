@@ -72,7 +72,7 @@ def _setup(tmp_path, n_sites: int, **overrides) -> tuple[FederationConfig, list[
 
 
 def _round(path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["round"]
+    return torch.load(path, map_location="cpu", weights_only=True)["round"]
 
 
 def test_restarted_server_continues_after_the_last_finished_round(tmp_path):
@@ -110,3 +110,31 @@ def test_a_round_counts_with_min_sites_answers_and_stops_below(tmp_path):
         run_federation(LocalGrid(sites, dead=(2,)), strict, LABELS, 3)
     assert _round(cfg.out / "global_model.pt") == 1  # round 2 was not written
     assert not (cfg.out / "checkpoints" / "round_002.pt").exists()
+
+
+def test_server_state_is_plain_data_loaded_with_weights_only(tmp_path):
+    """FedAdam's moments and the DP accountant survive a restart through ``weights_only=True``
+    (no pickled objects: a tampered state file cannot run code on the coordinator)."""
+    import numpy as np
+
+    from fadal.federated.rounds import load_strategy_state, save_strategy_state
+    from fadal.federated.strategies import build_strategy
+
+    cfg = FederationConfig(sites=[SiteSpec(name="a", data=tmp_path)], strategy="fedadam", dp_clip=1.0,
+                           plan=tiny_plan(), out=tmp_path / "run")
+    strategy = build_strategy(cfg, 1, {}, num_sites=2)
+    strategy.m_t = {"w": np.ones((2, 3), np.float32)}
+    strategy.v_t = {"w": np.full((2, 3), 2.0, np.float32)}
+    strategy.privacy.record([5, 6])
+    strategy.privacy.record([5])
+    path = tmp_path / "server_state.pt"
+    save_strategy_state(strategy, path, 4)
+    assert torch.load(path, weights_only=True)["round"] == 4
+    fresh = build_strategy(cfg, 1, {}, num_sites=2)
+    load_strategy_state(fresh, path, 4)
+    np.testing.assert_array_equal(fresh.m_t["w"], strategy.m_t["w"])
+    np.testing.assert_array_equal(fresh.v_t["w"], strategy.v_t["w"])
+    assert fresh.privacy.releases == {5: 2, 6: 1} and fresh.privacy.epsilon() == strategy.privacy.epsilon()
+    stale = build_strategy(cfg, 1, {}, num_sites=2)
+    load_strategy_state(stale, path, 3)  # another round's state: starts afresh
+    assert stale.m_t is None and stale.privacy.releases == {}

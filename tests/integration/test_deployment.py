@@ -55,7 +55,7 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def checkpoint_round(path: Path) -> int | None:
-    return torch.load(path, map_location="cpu", weights_only=False)["round"] if path.exists() else None
+    return torch.load(path, map_location="cpu", weights_only=True)["round"] if path.exists() else None
 
 
 class Federation:

@@ -47,7 +47,7 @@ import torch
 from fadal.amplify import register as reg
 from fadal.amplify.register import RegistrationResult, pair_key
 from fadal.config import LearnedRegistrationConfig, RegistrationConfig
-from fadal.data.io import save_torch
+from fadal.data.io import PRIVATE, save_torch
 from fadal.errors import FadalInputError
 
 #: Bump when training or propagation changes: cached models and propagated labels then no longer match.
@@ -234,7 +234,7 @@ def save_model(model: SiteModel, path: Path) -> Path:
     """Atomic checkpoint (state dict, settings, key, loss history): it never leaves the site."""
     path = save_torch({"state_dict": model.net.state_dict(), "learned": model.cfg.model_dump(mode="json"),
                        "key": model.key, "recipe": LEARNED_RECIPE, "train_seconds": model.train_seconds,
-                       "losses": model.losses}, path)
+                       "losses": model.losses}, path, mode=PRIVATE)
     model.path = path
     return path
 

@@ -59,7 +59,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from fadal.config import RegistrationConfig
-from fadal.data.io import read_image, same_geometry, write_image, write_json
+from fadal.data.io import PRIVATE, read_image, same_geometry, write_image, write_json
 from fadal.errors import FadalInputError
 
 #: Bump when the registration recipe changes: old cache entries then no longer match.
@@ -651,8 +651,8 @@ def finish_pair(pair: PreparedPair, transform: sitk.Transform, out_dir: Path, cf
                            transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     seconds = time.perf_counter() - t0
 
-    nii = write_image(warped, out_dir / f"{key}.nii.gz")
-    img = write_image(like(warped_arr + np.float32(AIR_HU), fixed), out_dir / f"{key}_image.nii.gz")
+    nii = write_image(warped, out_dir / f"{key}.nii.gz", mode=PRIVATE)  # the cache: site-local state
+    img = write_image(like(warped_arr + np.float32(AIR_HU), fixed), out_dir / f"{key}_image.nii.gz", mode=PRIVATE)
     res = RegistrationResult(
         fixed=pair.fixed_image, moving=pair.atlas_image, warped_label=nii, metric_before=pair.metric_before,
         metric_after=metric_after, seconds=round(seconds, 3), cached=False, atlas_label=pair.atlas_label, key=key,
@@ -663,7 +663,7 @@ def finish_pair(pair: PreparedPair, transform: sitk.Transform, out_dir: Path, cf
     stored["config"] = cfg.model_dump(mode="json")
     stored["recipe"] = recipe
     stored.update(extra or {})
-    write_json(stored, out_dir / f"{key}.json")
+    write_json(stored, out_dir / f"{key}.json", mode=PRIVATE)
     return res
 
 

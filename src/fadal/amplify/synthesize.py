@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -51,12 +52,12 @@ import torch.nn.functional as F
 
 from fadal.config import RegistrationConfig, SynthesisConfig
 from fadal.records import PreprocessConfig
-from fadal.data.io import read_image, save_torch
+from fadal.data.io import PRIVATE, read_image, save_torch
 from fadal.errors import FadalInputError
 from fadal.data.preprocess import inference_transforms, to_metatensor, training_transforms
 
 #: Bump when the way transforms are learned changes: old cache entries then no longer match.
-RECIPE_VERSION = "synthesis-v2-masks-init"
+RECIPE_VERSION = "synthesis-v3-plain-tensors"
 #: Voxels above this windowed intensity (HU -230 in the [-250, 750] window) are "body".
 _BODY = 0.02
 
@@ -323,10 +324,10 @@ def learn_transform(atlas: Prepared, target: Prepared, cfg: SynthesisConfig, cac
     path = Path(cache_dir) / f"{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
-            d = torch.load(path, map_location="cpu", weights_only=False)
-            return LearnedTransform(target.case_id, d["grid"], d["target_affine"], d["appearance"],
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            return LearnedTransform(target.case_id, d["grid"], d["target_affine"].numpy(), d["appearance"],
                                     d["ncc_before"], d["ncc_after"], d["body_dice"], d["seconds"], cached=True)
-        except (OSError, RuntimeError, KeyError, EOFError):
+        except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError):
             pass  # damaged entry: learn again and overwrite it
     t0 = time.perf_counter()
     u = torch.as_tensor(_deformation(atlas, target, cfg.registration))
@@ -350,10 +351,10 @@ def learn_transform(atlas: Prepared, target: Prepared, cfg: SynthesisConfig, cac
     out = LearnedTransform(target.case_id, grid.half(), target.affine, appearance, round(ncc_before, 4),
                            round(ncc_after, 4), round(body_dice, 4), round(time.perf_counter() - t0, 3))
     if path is not None:
-        save_torch({"grid": out.grid, "target_affine": out.target_affine, "appearance": out.appearance,
-                    "ncc_before": out.ncc_before, "ncc_after": out.ncc_after, "body_dice": out.body_dice,
-                    "seconds": out.seconds,
-                    "atlas": atlas.case_id, "target": target.case_id, "recipe": RECIPE_VERSION}, path)
+        save_torch({"grid": out.grid, "target_affine": torch.from_numpy(np.array(out.target_affine)),
+                    "appearance": out.appearance, "ncc_before": out.ncc_before, "ncc_after": out.ncc_after,
+                    "body_dice": out.body_dice, "seconds": out.seconds,
+                    "atlas": atlas.case_id, "target": target.case_id, "recipe": RECIPE_VERSION}, path, mode=PRIVATE)
     return out
 
 

@@ -20,6 +20,12 @@ import SimpleITK as sitk
 
 from fadal.errors import FadalInputError
 
+#: File mode of a site's local state and caches (optimiser and normalisation state, the epsilon
+#: ledger, preprocessed volumes, registration caches): readable by the site's own account only.
+PRIVATE = 0o600
+#: File mode of ordinary outputs (reports, checkpoints, label maps).
+PUBLIC = 0o644
+
 #: Tolerances for "same grid": spacing/origin in mm, direction cosines unitless.
 SPACING_TOL_MM = 1e-3
 ORIGIN_TOL_MM = 1e-2
@@ -56,51 +62,72 @@ def _check_nifti_nan(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str | None = None, mode: int = PUBLIC) -> Iterator[Path]:
     """A temporary file beside ``path`` for the block to write; it replaces ``path`` only if the block
     succeeds. Every output of FADAL goes through here: a crash mid-write leaves the previous file (or
     none), never half a file, and a resumed run trusts whatever file it finds.
 
-    ``suffix`` (default: ``path``'s own) matters to writers that pick the format from the name."""
+    ``suffix`` (default: ``path``'s own) matters to writers that pick the format from the name;
+    ``mode`` is the file's mode (:data:`PRIVATE` for a site's state and caches)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix or "".join(path.suffixes), dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary output files
+        os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = PUBLIC) -> Path:
+    with atomic_path(path, mode=mode) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def save_torch(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` through :func:`atomic_path` (checkpoints, optimiser and normalisation state)."""
+def save_torch(obj: Any, path: str | Path, mode: int = PUBLIC) -> Path:
+    """``torch.save`` through :func:`atomic_path` (checkpoints, optimiser and normalisation state).
+
+    Store tensors, numbers, strings, lists and dicts only: every reader loads with ``weights_only=True``."""
     import torch
 
-    with atomic_path(path, suffix=".pt") as tmp:
+    with atomic_path(path, suffix=".pt", mode=mode) as tmp:
         torch.save(obj, tmp)
     return Path(path)
 
 
-def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> Path:
+def write_image(image: sitk.Image, path: str | Path, compress: bool = True, mode: int = PUBLIC) -> Path:
     """Write atomically (:func:`atomic_path`); the format follows the name (default NIfTI)."""
-    with atomic_path(path, suffix="".join(Path(path).suffixes) or ".nii.gz") as tmp:
+    with atomic_path(path, suffix="".join(Path(path).suffixes) or ".nii.gz", mode=mode) as tmp:
         sitk.WriteImage(image, str(tmp), compress)
     return Path(path)
 
 
-def write_json(data: Any, path: str | Path) -> Path:
-    with atomic_path(path, suffix=".json") as tmp:
+def write_json(data: Any, path: str | Path, mode: int = PUBLIC) -> Path:
+    with atomic_path(path, suffix=".json", mode=mode) as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=_json_default))
     return Path(path)
+
+
+def private_dir(path: str | Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700: a site's cache or state folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def make_private(folder: str | Path) -> None:
+    """Files under ``folder`` that a library wrote with the umask's mode (e.g. MONAI's
+    ``PersistentDataset``) become :data:`PRIVATE`, folders 0700."""
+    folder = Path(folder)
+    for p in [folder, *folder.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, 0o700 if p.is_dir() else PRIVATE)
 
 
 def _json_default(obj: Any) -> Any:

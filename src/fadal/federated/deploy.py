@@ -259,17 +259,20 @@ def register_supernodes(certs: str | Path, flwr_home: str | Path, federation: st
 
 def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: str, port: int,
                     flwr_home: str | Path, cache_dir: str | Path | None = None, amplified: str | Path | None = None,
-                    log: str | Path | None = None) -> subprocess.Popen:
+                    log: str | Path | None = None, policy: str | Path | None = None) -> subprocess.Popen:
     """Start ``flower-supernode`` for one hospital; its ClientApp reads only ``data`` (and ``amplified``).
 
     ``certs`` is the site's folder of :func:`make_certificates` (``ca.crt``, ``supernode.key``);
     ``port`` is the SuperNode's local runtime API (loopback only; one per SuperNode on a machine).
     The paths travel in ``--node-config``: they stay on this machine and are never sent anywhere.
+    ``policy``: the site's privacy policy YAML (:class:`fadal.config.SitePolicy`), read by every ClientApp.
     """
     c = Path(certs).resolve()
     paths = {"data-path": Path(data).resolve(), "cache-dir": Path(cache_dir or Path(data) / ".fadal_cache").resolve()}
     if amplified is not None:
         paths["amplified-path"] = Path(amplified).resolve()
+    if policy is not None:
+        paths["policy-path"] = Path(policy).resolve()
     if any("'" in str(p) for p in paths.values()) or not _SITE_NAME.match(name):
         raise FadalInputError(f"site name {name!r} or a path contains a quote or odd characters: {paths}")
     node_config = " ".join([f"{k}='{p.as_posix()}'" for k, p in paths.items()] + [f"site-name='{name}'"]

@@ -7,6 +7,7 @@ import json
 from logging import WARNING
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
@@ -69,26 +70,35 @@ def resume_point(cfg: FederationConfig, labels: dict[str, int], model: torch.nn.
     return done, history
 
 
-#: Strategy attributes that must survive a restart: FedAdam/FedYogi moments, the DP accountant.
-STATEFUL = ("m_t", "v_t", "privacy")
+#: Version of ``server_state.pt`` (plain tensors, numbers and dicts: loaded with ``weights_only=True``).
+STRATEGY_STATE_VERSION = 2
 
 
 def save_strategy_state(strategy, path: Path, server_round: int) -> None:
-    state = {k: getattr(strategy, k) for k in STATEFUL if getattr(strategy, k, None) is not None}
+    """What must survive a restart: FedAdam/FedYogi moments and the DP accountant's counts."""
+    state: dict = {}
+    for key in ("m_t", "v_t"):  # Flower keeps the moments as {name: numpy array}
+        if getattr(strategy, key, None) is not None:
+            state[key] = {k: torch.from_numpy(np.array(v)) for k, v in getattr(strategy, key).items()}
+    if getattr(strategy, "privacy", None) is not None:
+        state["privacy"] = strategy.privacy.state_dict()
     if state:
-        save_torch({"round": server_round, **state}, path)
+        save_torch({"format": STRATEGY_STATE_VERSION, "round": server_round, **state}, path)
 
 
 def load_strategy_state(strategy, path: Path, server_round: int) -> None:
     if not path.exists():
         return
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["round"] != server_round:
-        log(WARNING, "%s is of round %s, not %s: strategy state starts afresh", path, state["round"], server_round)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != STRATEGY_STATE_VERSION or state["round"] != server_round:
+        log(WARNING, "%s is of round %s (format %s), not round %s (format %s): strategy state starts afresh", path,
+            state.get("round"), state.get("format"), server_round, STRATEGY_STATE_VERSION)
         return
-    for key in STATEFUL:
+    for key in ("m_t", "v_t"):
         if key in state:
-            setattr(strategy, key, state[key])
+            setattr(strategy, key, {k: v.numpy() for k, v in state[key].items()})
+    if "privacy" in state and getattr(strategy, "privacy", None) is not None:
+        strategy.privacy.load_state_dict(state["privacy"])
 
 
 def history_entry(history: dict, server_round: int) -> dict:

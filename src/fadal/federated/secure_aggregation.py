@@ -26,14 +26,15 @@ import json
 import time
 from logging import INFO
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.compat.app_utils import start_update_client_manager_thread
@@ -46,12 +47,13 @@ from flwr.supercore import log
 
 from flwr.client.mod import secaggplus_mod
 
-from fadal.config import FederationConfig
+from fadal.config import FederationConfig, SitePolicy
 from fadal.errors import FadalInputError
 from fadal.federated.planning import federation_plan
+from fadal.federated.policy import check_secagg_setup
 from fadal.federated.rounds import (evaluate_round, history_entry, load_strategy_state, resume_point, save_round,
                                     train_config_record)
-from fadal.federated.site_task import SiteRuntime, local_train
+from fadal.federated.site_task import SiteRuntime, admit, local_train, round_config, round_options
 from fadal.federated.strategies import build_strategy
 from fadal.model.engine import seed_everything
 from fadal.model.net import build_network
@@ -65,11 +67,23 @@ def is_secure_train(msg: Message) -> bool:
     return msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records
 
 
-def secagg_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """``secaggplus_mod`` for SecAgg+ messages only, so one ClientApp serves plain and secure federations."""
-    if is_secure_train(msg):
+def secagg_when_asked(policy_for: Callable[[Context], SitePolicy | None]) -> Mod:
+    """``secaggplus_mod`` for SecAgg+ messages only, so one ClientApp serves plain and secure federations.
+
+    The set-up stage (handled by ``secaggplus_mod`` alone) is first checked against the site's
+    policy (``policy_for(context)``): its reconstruction threshold says how many sites must collude
+    to unmask this one."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if not is_secure_train(msg):
+            return call_next(msg, context)
+        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+        if configs.get(Key.STAGE) == Stage.SETUP:
+            check_secagg_setup(policy_for(context), int(configs.get(Key.THRESHOLD, 0)),
+                               int(configs.get(Key.SHARE_NUMBER, 0)))
         return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
+
+    return mod
 
 
 def _state_keys(plan: Plan, labels: dict[str, int]) -> dict[str, torch.Tensor]:
@@ -81,16 +95,18 @@ def secure_train(msg: Message, runtime: SiteRuntime) -> Message:
     """:func:`local_train` on a legacy ``FitIns``; the reply is a ``FitRes`` for ``secaggplus_mod`` to mask.
 
     Refuses (error at the site) when a value would be clipped or the weight overflow: the server
-    cannot see either, so the aggregate would be silently wrong."""
+    cannot see either, so the aggregate would be silently wrong. The site's policy is checked
+    before the network is built."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = ConfigRecord(dict(fitins.config))
+    msg.content["config"] = config
+    admit(runtime, round_config(msg), round_options(msg))
     plan = Plan.model_validate_json(str(config["plan"]))
     labels = {k: int(v) for k, v in json.loads(str(config["labels"])).items()}
     reference = _state_keys(plan, labels)
     received = parameters_to_ndarrays(fitins.parameters)
     msg.content["arrays"] = ArrayRecord({k: Array(a) for k, a in zip(reference, received, strict=True)})
-    msg.content["config"] = config
-    out = local_train(msg, runtime)
+    out = local_train(msg, runtime, secure=True)
     metrics = dict(out.content["metrics"])
     state = out.content["arrays"].to_numpy_ndarrays()
     clip, max_weight = float(config["secagg-clipping-range"]), float(config["secagg-max-weight"])

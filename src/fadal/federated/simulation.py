@@ -30,9 +30,11 @@ def federation_labels(cfg: FederationConfig) -> dict[str, int]:
 
 
 def site_runtimes(cfg: FederationConfig) -> list[SiteRuntime]:
-    """Each site's folders as its ClientApp sees them; its cache (FedBN layers, optimiser) under ``out/cache``."""
+    """Each site's folders and policy as its ClientApp sees them; its cache (FedBN layers, optimiser,
+    epsilon ledger unless its policy names one) under ``out/cache``."""
     out = Path(cfg.out)
-    return [SiteRuntime(s.name, s.data, s.amplified, s.use_amplified, out / "cache" / s.name) for s in cfg.sites]
+    return [SiteRuntime(s.name, s.data, s.amplified, s.use_amplified, out / "cache" / s.name, s.policy)
+            for s in cfg.sites]
 
 
 def simulate(cfg: FederationConfig) -> dict:

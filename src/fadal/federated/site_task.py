@@ -1,8 +1,12 @@
 """A site's work in a federation (Flower examples' ``task.py`` role): train, evaluate, fingerprint, on its own folder only.
 
 What leaves the site is exactly what :func:`reply` builds: the model's arrays and a few scalar
-metrics (loss, number of training examples, seconds, mean Dice on the site's own held-out cases).
-Images, labels, case ids and per-case numbers never do.
+metrics (loss, number of training examples, seconds, mean Dice on the site's own held-out cases,
+for the federation's organs only). Images, labels, case ids and per-case numbers never do, nor do
+error messages (:mod:`fadal.federated.site_errors`).
+
+Every message is first checked against the site's own policy (:mod:`fadal.federated.policy`)
+before any data are read; a violation is refused, never silently followed.
 
 Per-run options arrive in the train config (see ``server_app.train_config_record``):
 
@@ -11,7 +15,10 @@ Per-run options arrive in the train config (see ``server_app.train_config_record
   starts a fresh process) and saves them after training.
 * ``partial-label-mode = condist``: ConDistFL distillation from a frozen copy of the received model.
 * ``dp-clip`` > 0: the update (local - received) is clipped to that L2 norm and Gaussian noise of
-  ``dp-noise-multiplier`` x ``dp-clip`` is added before anything is sent.
+  ``dp-noise-multiplier`` x ``dp-clip`` is added before anything is sent; the release is first
+  recorded in the site's epsilon ledger (:mod:`fadal.federated.epsilon_ledger`). Under DP no
+  data-dependent scalar leaves the site: train replies carry ``num-examples`` = 1 only (every site
+  weighs the same) and evaluate replies no metric (see :mod:`fadal.federated.privacy`).
 * ``transfer-dtype = float16``: arrays are sent as float16 (the server averages in float32).
 
 Where the site's data is:
@@ -35,11 +42,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fadal.config import TrainConfig
+from fadal.config import SitePolicy, TrainConfig, load_yaml
 from fadal.records import Plan
-from fadal.data.io import save_torch
-from fadal.errors import FadalInputError
+from fadal.data.io import PRIVATE, private_dir, save_torch
+from fadal.errors import FadalInputError, SiteRefusal
 from fadal.data.site import Site, load_site
+from fadal.federated import policy as site_policy
+from fadal.federated.epsilon_ledger import EpsilonLedger
 from fadal.model.engine import fit, make_sampler, seed_everything
 from fadal.model.net import build_network, norm_state_keys, pick_device
 from fadal.model.patches import site_training_items
@@ -69,13 +78,20 @@ def startup_seconds() -> float:
 
 @dataclass
 class SiteRuntime:
-    """Where one site's data and local cache are (never sent anywhere)."""
+    """Where one site's data and local cache are, and the site's own policy (never sent anywhere)."""
 
     name: str
     data: Path
     amplified: Path | None
     use_amplified: bool
     cache_dir: Path
+    policy: SitePolicy | None = None
+
+    def ledger(self) -> EpsilonLedger:
+        """This site's epsilon ledger (the policy's, else in its local state folder)."""
+        path = self.policy.ledger if self.policy is not None and self.policy.ledger else None
+        delta = self.policy.epsilon_delta if self.policy is not None else SitePolicy().epsilon_delta
+        return EpsilonLedger(path or self.cache_dir / "privacy_ledger.json", delta)
 
 
 def site_from_node_config(node_config: dict) -> SiteRuntime:
@@ -83,12 +99,14 @@ def site_from_node_config(node_config: dict) -> SiteRuntime:
         raise FadalInputError("this SuperNode has no 'data-path' in --node-config; start it with `fadal site --data DIR`")
     data = Path(str(node_config["data-path"]))
     amplified = node_config.get("amplified-path")
+    policy = node_config.get("policy-path")
     return SiteRuntime(
         name=str(node_config.get("site-name", data.name)),
         data=data,
         amplified=Path(str(amplified)) if amplified else None,
         use_amplified=bool(node_config.get("use-amplified", False)),
         cache_dir=Path(str(node_config.get("cache-dir", data / ".fadal_cache"))),
+        policy=load_yaml(SitePolicy, str(policy)) if policy else None,
     )
 
 
@@ -168,7 +186,7 @@ def save_local_norm(model: torch.nn.Module, runtime: SiteRuntime, run_id: int, s
     state = model.state_dict()
     return save_torch({"run": int(run_id), "round": int(server_round),
                        "state": {k: state[k].detach().cpu().clone() for k in norm_state_keys(model)}},
-                      local_norm_path(runtime))
+                      local_norm_path(runtime), mode=PRIVATE)
 
 
 def restore_local_norm(model: torch.nn.Module, runtime: SiteRuntime, run_id: int | None = None) -> bool:
@@ -231,11 +249,13 @@ def privatise_update(local: dict[str, torch.Tensor], received: dict[str, torch.T
 
 
 def reply(msg: Message, metrics: dict[str, float | int], model: torch.nn.Module | None = None,
-          state: dict[str, torch.Tensor] | None = None) -> Message:
-    """Build the only kind of message a site sends: arrays (``model``'s or ``state``) + allow-listed scalar metrics."""
-    bad = [k for k in metrics if k not in ALLOWED_METRICS and not k.startswith("dice-")]
+          state: dict[str, torch.Tensor] | None = None, organs: tuple[str, ...] = ()) -> Message:
+    """Build the only kind of message a site sends: arrays (``model``'s or ``state``) + allow-listed
+    scalar metrics: :data:`ALLOWED_METRICS` and ``dice-<organ>`` for the federation's ``organs`` only."""
+    allowed = set(ALLOWED_METRICS) | {f"dice-{organ}" for organ in organs}
+    bad = [k for k in metrics if k not in allowed]
     if bad:
-        raise ValueError(f"refusing to send non-allow-listed metrics {bad}")
+        raise SiteRefusal("metric-allow-list", f"refusing to send non-allow-listed metrics {bad}")
     scalars = {k: (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in metrics.items()}
     content = RecordDict({"metrics": MetricRecord(scalars)})
     if model is not None and state is None:
@@ -245,12 +265,30 @@ def reply(msg: Message, metrics: dict[str, float | int], model: torch.nn.Module 
     return Message(content=content, reply_to=msg)
 
 
-def local_train(msg: Message, runtime: SiteRuntime) -> Message:
+def admit(runtime: SiteRuntime, rc: RoundConfig, opts: RoundOptions) -> int:
+    """The checks every train/evaluate message passes before any work; returns the torch threads."""
+    site_policy.check_privacy(runtime.policy, opts.dp_clip, opts.dp_noise_multiplier)
+    private_dir(runtime.cache_dir)
+    return site_policy.check_compute(runtime.policy, rc.plan, rc.train, max(rc.labels.values()) + 1)
+
+
+def organ_names(labels: dict[str, int]) -> tuple[str, ...]:
+    """The federation's organs (every label but background): the only ``dice-*`` keys a site sends."""
+    return tuple(name for name, value in labels.items() if value != 0)
+
+
+def local_train(msg: Message, runtime: SiteRuntime, secure: bool = False) -> Message:
+    """One round of local training; ``secure``: called by SecAgg+ (the reply is masked before it leaves)."""
     start = time.perf_counter()
     startup = startup_seconds()  # before any work: the process's start-up, not its training
     rc = round_config(msg)
     opts = round_options(msg)
-    seed_everything(rc.train.seed + opts.server_round, rc.train.num_threads)
+    site_policy.check_training(runtime.policy, secure, opts.local_norm, rc.local_steps)
+    threads = admit(runtime, rc, opts)
+    if opts.dp_clip > 0:
+        runtime.ledger().spend(opts.dp_noise_multiplier, opts.dp_clip, opts.run_id, opts.server_round,
+                               runtime.policy.epsilon_budget if runtime.policy is not None else None)
+    seed_everything(rc.train.seed + opts.server_round, threads)
     site = load_site_for(runtime, rc.labels)
     items = site_training_items(site, runtime.amplified, runtime.use_amplified)
     model = model_from_message(msg, site.num_classes, rc.plan, runtime, opts)
@@ -268,28 +306,36 @@ def local_train(msg: Message, runtime: SiteRuntime) -> Message:
                  start_step=max(opts.server_round - 1, 0) * rc.local_steps, total_steps=rc.total_steps,
                  proximal_mu=opts.proximal_mu, teacher=teacher, distill_weight=opts.distill_weight,
                  distill_temperature=opts.distill_temperature, optimizer_state=opt_state)
-    save_torch(result.optimizer_state, opt_path)
+    save_torch(result.optimizer_state, opt_path, mode=PRIVATE)
     model = model.cpu()
     state = model.state_dict()
     if opts.local_norm:
         save_local_norm(model, runtime, opts.run_id, opts.server_round)
         local = set(norm_state_keys(model))
         state = {k: v for k, v in state.items() if k not in local}  # FedBN: norm layers never leave the site
+    metrics = {"num-examples": len(items), "train-loss": result.loss, "train-seconds": result.seconds,
+               "client-seconds": time.perf_counter() - start, "startup-seconds": startup}
     if opts.dp_clip > 0:
         state, _ = privatise_update(state, received, opts.dp_clip, opts.dp_noise_multiplier)
+        metrics = {"num-examples": 1}  # DP: the noised update is the only release (privacy.py)
     if opts.transfer_dtype == "float16":
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
-    return reply(msg, {"num-examples": len(items), "train-loss": result.loss, "train-seconds": result.seconds,
-                       "client-seconds": time.perf_counter() - start, "startup-seconds": startup},
-                 state=state)
+    return reply(msg, metrics, state=state)
 
 
 def local_evaluate(msg: Message, runtime: SiteRuntime) -> Message:
-    """Mean Dice per organ over the site's held-out cases (aggregate numbers only)."""
+    """Mean Dice per organ over the site's held-out cases (aggregate numbers only; none under DP:
+    Dice over a few cases cannot be usefully noised, so it is not sent)."""
     from fadal.evaluate.evaluate import evaluate_model_on_cases
 
     rc = round_config(msg)
     opts = round_options(msg)
+    site_policy.check_evaluation(runtime.policy)
+    threads = admit(runtime, rc, opts)
+    if opts.dp_clip > 0:
+        return reply(msg, {})
+    if threads:
+        torch.set_num_threads(threads)
     site = load_site_for(runtime, rc.labels)
     cases = site.test or site.labeled
     model = model_from_message(msg, site.num_classes, rc.plan, runtime, opts, for_training=False)
@@ -298,13 +344,14 @@ def local_evaluate(msg: Message, runtime: SiteRuntime) -> Message:
     for organ, vals in summary.items():
         if vals.get("dice") is not None:
             metrics["dice-mean" if organ == "mean" else f"dice-{organ}"] = float(vals["dice"])
-    return reply(msg, metrics)
+    return reply(msg, metrics, organs=organ_names(rc.labels))
 
 
 def local_fingerprint(msg: Message, runtime: SiteRuntime) -> Message:
     """The site's dataset fingerprint for planning: aggregate statistics only (see fadal.records.Fingerprint)."""
     from fadal.plan.fingerprint import site_fingerprint
 
+    site_policy.check_fingerprint(runtime.policy)
     labels = {k: int(v) for k, v in json.loads(str(msg.content["config"]["labels"])).items()}
     site = load_site_for(runtime, labels)
     fingerprint = site_fingerprint(site)

@@ -12,159 +12,23 @@ amplified ones included, so a site that amplified its few labels counts for what
 :class:`RecordingMixin` appends one entry per round to ``history["rounds"]``: sites, failures, mean
 training loss, bytes down (what :meth:`configure_train` sent each site) and up (what each site
 sent, as it came over the wire), per-site training seconds, federated Dice and, with client-side
-differential privacy, the cumulative epsilon. It also undoes a site's float16 transfer before
+differential privacy, the cumulative epsilon (accounted in :mod:`fadal.federated.privacy`). It also undoes a site's float16 transfer before
 aggregation, so averaging and server optimisers always run in float32.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, PrivacySpent, SamplingMethod
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 
 from fadal.config import FederationConfig
+from fadal.federated.privacy import SitePrivacy
 from fadal.records import Plan
 
 
-# --------------------------------------------------------------------------- privacy accounting
-def gaussian_rdp_epsilon(noise_multiplier: float, releases: int, delta: float) -> tuple[float, float]:
-    """(epsilon, best order) of ``releases`` compositions of the Gaussian mechanism (sensitivity 1,
-    noise ``noise_multiplier``), via Renyi DP: RDP(a) = releases * a / (2 sigma^2) (Mironov 2017),
-    converted with the bound of Balle et al. 2020 (Thm 21), the conversion Opacus uses:
-    eps = RDP(a) + log((a-1)/a) - (log(delta) + log(a)) / (a-1), minimised over orders a > 1."""
-    if releases <= 0:
-        return 0.0, float("nan")
-    if noise_multiplier <= 0:
-        return math.inf, float("nan")
-    orders = np.concatenate([1.0 + np.logspace(-4, 0, 400), np.logspace(math.log10(2.0), 5, 3000)])
-    rdp = releases * orders / (2.0 * noise_multiplier ** 2)
-    eps = rdp + np.log((orders - 1) / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
-    i = int(np.nanargmin(eps))
-    return max(float(eps[i]), 0.0), float(orders[i])
-
-
-class GaussianRdpAccountant:
-    """Flower's ``PrivacyAccountant`` protocol for un-subsampled Gaussian releases, without the
-    optional ``dp-accounting`` package (``flwr[dp]``) that Flower's own ``RdpAccountant`` needs."""
-
-    def __init__(self, config: PrivacyConfig) -> None:
-        if config.sampling_method is not SamplingMethod.NO_AMPLIFICATION:
-            raise ValueError("GaussianRdpAccountant accounts Gaussian releases without sampling amplification only")
-        self._config = config
-        self._events: list[tuple[GaussianPrivacyEvent, int]] = []
-
-    @property
-    def config(self) -> PrivacyConfig:
-        return self._config
-
-    @property
-    def num_releases(self) -> int:
-        return sum(n for _, n in self._events)
-
-    def compose(self, event: GaussianPrivacyEvent, count: int = 1) -> None:
-        self._events.append((event, int(count)))
-
-    def get_epsilon(self, delta: float) -> float:
-        return self.get_privacy_spent(delta).epsilon
-
-    def get_delta(self, epsilon: float) -> float:  # pragma: no cover - protocol completeness
-        lo, hi = 1e-300, 1.0
-        for _ in range(200):
-            mid = math.sqrt(lo * hi)
-            lo, hi = (mid, hi) if self.get_epsilon(min(mid, 0.999999)) > epsilon else (lo, mid)
-        return hi
-
-    def get_privacy_spent(self, delta: float | None = None) -> PrivacySpent:
-        delta = self._config.target_delta if delta is None else delta
-        if not self._events:
-            return PrivacySpent(0.0, delta, 0, "rdp-gaussian", None)
-        # All events share one closed form: the sum of rho = 1/(2 sigma^2) over releases.
-        rho = sum(n / (2.0 * e.noise_multiplier ** 2) for e, n in self._events)
-        eps, order = gaussian_rdp_epsilon(1.0 / math.sqrt(2.0 * rho), 1, delta)
-        return PrivacySpent(eps, delta, self.num_releases, "rdp-gaussian", order)
-
-    def would_exceed(self, event: GaussianPrivacyEvent, max_epsilon: float | None = None, count: int = 1) -> bool:
-        limit = max_epsilon if max_epsilon is not None else self._config.max_epsilon
-        if limit is None:
-            raise ValueError("max_epsilon must be given")
-        probe = GaussianRdpAccountant(self._config)
-        probe._events = [*self._events, (event, count)]
-        return probe.get_epsilon(self._config.target_delta) > limit
-
-    def state_dict(self) -> dict[str, object]:
-        return {"events": [{"noise_multiplier": e.noise_multiplier, "sample_size": e.sample_size,
-                            "population_size": e.population_size, "count": n} for e, n in self._events]}
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        self._events = [(GaussianPrivacyEvent(d["noise_multiplier"], d["sample_size"], d["population_size"]), d["count"])
-                        for d in state["events"]]  # type: ignore[index,union-attr]
-
-
-def make_accountant(num_sites: int, delta: float):
-    """Flower's RDP accountant when its optional backend is installed, otherwise the closed form above.
-
-    Neighbouring relation: add/remove one site's whole contribution (site-level DP, as DP-FedAvg);
-    no sampling amplification, because the server picks the sites and sees who replied (it is the
-    party the noise protects against), and each site adds the full noise to its own update."""
-    config = PrivacyConfig(target_delta=delta, population_size=max(num_sites, 1),
-                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                           sampling_method=SamplingMethod.NO_AMPLIFICATION)
-    try:
-        from flwr.serverapp import RdpAccountant
-
-        return RdpAccountant(config)
-    except ImportError:
-        return GaussianRdpAccountant(config)
-
-
-class SitePrivacy:
-    """Per-site accounting: each update a site sends is one Gaussian release (noise
-    ``noise_multiplier`` x clip, sensitivity clip). The reported epsilon is the worst site's.
-
-    Holds only counts (picklable: the server saves it with its state to resume a run); the
-    accountant is rebuilt from them when epsilon is asked for."""
-
-    def __init__(self, clip: float, noise_multiplier: float, delta: float, num_sites: int) -> None:
-        self.clip, self.noise_multiplier, self.delta, self.num_sites = clip, noise_multiplier, delta, num_sites
-        self.releases: dict[int, int] = {}
-
-    def record(self, node_ids: Iterable[int]) -> float | None:
-        for node in node_ids:
-            self.releases[int(node)] = self.releases.get(int(node), 0) + 1
-        return self.epsilon()
-
-    def _accountant(self, releases: int):
-        acc = make_accountant(self.num_sites, self.delta)
-        if releases and self.noise_multiplier > 0:
-            acc.compose(GaussianPrivacyEvent(self.noise_multiplier, 1, max(self.num_sites, 1)), releases)
-        return acc
-
-    def epsilon(self) -> float | None:
-        """Worst site's cumulative epsilon at ``delta``; None = no guarantee (clipping without noise)."""
-        worst = max(self.releases.values(), default=0)
-        if worst == 0:
-            return 0.0
-        if self.noise_multiplier <= 0:
-            return None
-        return float(self._accountant(worst).get_epsilon(self.delta))
-
-    def summary(self) -> dict:
-        acc = self._accountant(0)
-        return {
-            "mechanism": "client-side Gaussian: update (local - global) clipped to L2 <= clip, + N(0, (noise_multiplier*clip)^2)",
-            "neighbouring": "add/remove one site's contribution (site-level DP); no sampling amplification",
-            "clip": self.clip, "noise_multiplier": self.noise_multiplier, "delta": self.delta,
-            "epsilon": self.epsilon(),
-            "releases_per_site": {str(n): k for n, k in self.releases.items()},
-            "accountant": type(acc).__module__ + "." + type(acc).__name__,
-        }
-
-
-# --------------------------------------------------------------------------- recording mixin
 def to_float32(record: ArrayRecord) -> ArrayRecord:
     """Undo a float16 transfer: the server averages (and optimises) in float32."""
     if all(a.dtype != "float16" for a in record.values()):

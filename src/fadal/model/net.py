@@ -42,6 +42,14 @@ def build_network(num_classes: int, cfg: NetworkConfig | None = None) -> torch.n
     )
 
 
+def parameter_count(num_classes: int, cfg: NetworkConfig) -> int:
+    """Parameters of the network ``cfg`` describes, built on the meta device (no memory): a site can
+    check a requested network's size before building it."""
+    with torch.device("meta"):
+        net = build_network(num_classes, cfg)
+    return sum(p.numel() for p in net.parameters())
+
+
 def norm_state_keys(model: torch.nn.Module) -> list[str]:
     """State-dict keys of the normalisation layers (parameters and running statistics), in order."""
     norm_types = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)

@@ -27,6 +27,7 @@ from monai.utils import convert_to_tensor
 
 from fadal.config import AugmentConfig
 from fadal.records import Plan, PreprocessConfig
+from fadal.data.io import make_private, private_dir
 from fadal.data.preprocess import training_item, training_transforms
 from fadal.data.site import Site
 
@@ -143,11 +144,14 @@ def load_volumes(items: Sequence[dict], plan: Plan, num_classes: int, cache_dir:
     fixed = training_transforms(plan.preprocess)
     versioned = [with_version(i, plan.preprocess) for i in items]
     if cache_dir is not None:
-        ds = PersistentDataset(versioned, transform=fixed, cache_dir=cache_dir)
+        ds = PersistentDataset(versioned, transform=fixed, cache_dir=private_dir(cache_dir))
     else:
         ds = CacheDataset(versioned, transform=fixed, progress=False, num_workers=0, copy_cache=False)
     rng = np.random.default_rng(seed)
-    return [make_volume(ds[i], plan.patch_size, num_classes, rng) for i in range(len(ds))]
+    volumes = [make_volume(ds[i], plan.patch_size, num_classes, rng) for i in range(len(ds))]
+    if cache_dir is not None:
+        make_private(cache_dir)  # MONAI writes its cache files with the umask's mode
+    return volumes
 
 
 class MirrorLeftRightd(Randomizable, MapTransform):

@@ -41,7 +41,7 @@ def viewer_html(meshes: dict[str, trimesh.Trimesh], title: str = "3D organ view"
         m = _simplify(mesh, max_faces)
         color = [int(round(255 * c)) for c in organ_color(name)[:3]]
         organs.append({"name": name, "color": color, "v": _b64(m.vertices, "<f4"), "f": _b64(m.faces, "<u4")})
-    data = json.dumps(organs)
+    data = json.dumps(organs).replace("<", "\\u003c")  # inline <script>: no "</script>" from an organ name
     esc = html.escape(title)
     return f"""
 <div class="organ-viewer" id="organ-viewer">
