@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from fadal.amplify import learned
-    from fadal.amplify.register import register_atlas, registration_failure
+    from fadal.amplify.register import register_atlas
+    from fadal.amplify.result import registration_failure
     from fadal.config import LearnedRegistrationConfig, RegistrationConfig
 
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(args.threads)

@@ -140,7 +140,7 @@ def test_failed_atlas_excluded_and_unregistrable_scan_rejected(tmp_path, phantom
 
 def test_atlas_selection_excludes_failures_and_keeps_the_best_top_k(tmp_path):
     from fadal.amplify.pipeline import _select_atlases
-    from fadal.amplify.register import RegistrationResult
+    from fadal.amplify.result import RegistrationResult
     from fadal.config import FusionConfig
 
     def result(ncc, body_dice=0.95, error=None):

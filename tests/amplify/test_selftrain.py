@@ -9,9 +9,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from fadal.amplify.geometry import grid_world_points
 from fadal.amplify.qc import OrganReference
 from fadal.amplify.selftrain import SelfTrainSite, check_refined, refine_label, selftrain
-from fadal.amplify.synthesize import LearnedTransform, SyntheticPairs, _normalised, _world_points, prepare
+from fadal.amplify.synthesize import LearnedTransform, SyntheticPairs, prepare, world_to_grid
 from fadal.config import AugmentConfig, SelfTrainConfig, TrainConfig
 from fadal.records import PreprocessConfig
 from fadal.data.io import read_image, same_geometry
@@ -113,7 +114,8 @@ def test_patches_mix_in_synthetic_pairs(tiny_site):
     case = site.labeled[0]
     atlas = prepare(case.case_id, case.image, PRE, case.label, site.annotated_ids(case))
     # A hand-made "learned" transform: the identity on the atlas's own grid (no registration needed).
-    grid = _normalised(torch.as_tensor(_world_points(atlas.image.shape, atlas.affine)), atlas.affine, atlas.image.shape)
+    grid = world_to_grid(torch.as_tensor(grid_world_points(atlas.image.shape, atlas.affine)), atlas.affine,
+                         atlas.image.shape)
     t = LearnedTransform("self", grid.half(), atlas.affine, torch.zeros_like(atlas.image).half(), 0.0, 1.0, 1.0, 0.0)
     pairs = SyntheticPairs([atlas], [[t]], site.num_classes, length=50)
 

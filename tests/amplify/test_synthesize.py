@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from fadal.amplify.synthesize import (SyntheticPairs, _normalised, _sample, _world_points, build_synthesizer,
-                                      prepare, synthesize)
+from fadal.amplify.geometry import grid_world_points
+from fadal.amplify.synthesize import SyntheticPairs, build_synthesizer, prepare, sample_volume, synthesize, world_to_grid
 from fadal.config import SynthesisConfig
 from fadal.records import PreprocessConfig
 
@@ -57,8 +57,9 @@ def test_synthetic_labels_are_deformed_not_destroyed(tmp_path, phantom, fast_cfg
         target = prepare(t.target, paths[t.target][0], PRE, paths[t.target][1])
         assert tuple(label.shape) == tuple(target.image.shape)  # the pair lives on the target's grid
         # The atlas label without deformation, on the same grid through world coordinates.
-        identity = _normalised(torch.as_tensor(_world_points(label.shape, t.target_affine)), atlas.affine, atlas.image.shape)
-        undeformed = _sample(atlas.label.float(), identity, mode="nearest").numpy()
+        identity = world_to_grid(torch.as_tensor(grid_world_points(label.shape, t.target_affine)), atlas.affine,
+                                 atlas.image.shape)
+        undeformed = sample_volume(atlas.label.float(), identity, mode="nearest").numpy()
         syn, ref = label.numpy(), target.label.numpy()
         for c in ORGANS:
             vol_ratio = (syn == c).sum() / (atlas.label.numpy() == c).sum()  # same 4 mm voxels
@@ -127,3 +128,14 @@ def test_sampler_without_usable_transform_is_an_error():
 
     with pytest.raises(FadalInputError, match="no usable transform"):
         SyntheticPairs([], [], num_classes=2, length=1)
+
+
+def test_a_transform_without_common_body_is_rejected_not_scored_on_the_whole_volume():
+    """NCC in an empty body mask is NaN (geometry.ncc, as in register.py), and a NaN fails the thresholds."""
+    from fadal.amplify.synthesize import LearnedTransform
+    from fadal.config import RegistrationConfig
+
+    cfg = RegistrationConfig(min_ncc=0.0, min_body_dice=0.0)
+    t = LearnedTransform("t", torch.zeros(2, 2, 2, 3).half(), np.eye(4), None, float("nan"), float("nan"), 0.0, 0.0)
+    assert "NCC nan" in t.failure(cfg)
+    assert LearnedTransform(**{**t.__dict__, "ncc_after": 0.5}).failure(cfg) is None

@@ -12,7 +12,7 @@ the quality the failure detection and the fusion use. The checkpoint stays at th
 
 Design, and why:
 
-* **Affine part = the initial translation** (:func:`register.initial_translation`, ``"search"``).
+* **Affine part = the initial translation** (:func:`initialize.initial_translation`, ``"search"``).
   elastix's affine stage alone costs seconds per pair, more than the whole budget of a learned
   pair; the network is diffeomorphic (scaling and squaring) and handles the residual scale and
   shape differences between two patients' same body region. Training pairs are placed the same
@@ -44,8 +44,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from fadal.amplify import register as reg
-from fadal.amplify.register import RegistrationResult, pair_key
+from fadal.amplify.cache import KEY_CHARS, load_cached, pair_key, path_digest
+from fadal.amplify.geometry import AIR_HU, axial_array_axis, body_mask_array, like, read_3d, shifted, world_points
+from fadal.amplify.initialize import initial_translation
+from fadal.amplify.register import PreparedPair, finish_pair, prepare_pair
+from fadal.amplify.result import RegistrationResult
 from fadal.config import LearnedRegistrationConfig, RegistrationConfig
 from fadal.data.io import PRIVATE, save_torch
 from fadal.errors import FadalInputError
@@ -100,14 +103,14 @@ def _threads(n: int) -> Iterator[None]:
 
 def _smoothed(arr: np.ndarray, ref: sitk.Image, origin, spacing_mm: float) -> sitk.Image:
     """Shifted intensities (air = 0) as an image at ``origin``, blurred to about the network's voxel size."""
-    img = reg.like(arr, ref, origin)
+    img = like(arr, ref, origin)
     sigma = [max(0.0, 0.5 * (spacing_mm ** 2 - s ** 2)) ** 0.5 for s in ref.GetSpacing()]
     return sitk.SmoothingRecursiveGaussian(img, sigma) if max(sigma) > 0 else img
 
 
 def network_grid(fixed: sitk.Image, fixed_body: np.ndarray, spacing_mm: float) -> sitk.Image:
     """World-axis-aligned isotropic grid around the fixed scan's body (its whole extent if it has none)."""
-    pts = reg.world_points(fixed_body, fixed) if fixed_body.any() else None
+    pts = world_points(fixed_body, fixed) if fixed_body.any() else None
     if pts is None or len(pts) == 0:
         corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float)
         d = np.asarray(fixed.GetDirection(), dtype=float).reshape(3, 3)
@@ -128,7 +131,7 @@ def _on_grid(img: sitk.Image, grid: sitk.Image, cfg: LearnedRegistrationConfig,
     """Linear resampling onto the network grid, windowed to [0, 1]: a (1, 1, z, y, x) tensor."""
     arr = sitk.GetArrayFromImage(sitk.Resample(img, grid, transform or sitk.Transform(), sitk.sitkLinear, 0.0,
                                                sitk.sitkFloat32))
-    lo, hi = (w - reg.AIR_HU for w in cfg.hu_window)  # the images hold shifted intensities
+    lo, hi = (w - AIR_HU for w in cfg.hu_window)  # the images hold shifted intensities
     arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
 
@@ -145,19 +148,13 @@ def _losses(cfg: LearnedRegistrationConfig):
 
 def site_key(scans: Sequence[Path], cfg: RegistrationConfig) -> str:
     """Content hash of the (sorted) scans, the learned settings, the initialisation settings and the recipe."""
-    digests = []
-    for p in map(Path, scans):
-        if not p.is_file():
-            raise FadalInputError(f"{p}: file not found")
-        st = p.stat()
-        digests.append(reg.file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns))
     h = hashlib.sha256()
-    for d in sorted(digests):
+    for d in sorted(path_digest(p) for p in scans):
         h.update(d)
     h.update(cfg.learned.model_dump_json(exclude={"num_threads"}).encode())
     h.update(cfg.model_dump_json(include={"initialization", "init_step_mm", "init_coarse_mm"}).encode())
     h.update(LEARNED_RECIPE.encode())
-    return h.hexdigest()[: reg.KEY_CHARS]
+    return h.hexdigest()[: KEY_CHARS]
 
 
 @dataclass
@@ -173,14 +170,14 @@ def _load_scans(scans: Sequence[Path], cfg: RegistrationConfig) -> list[_Scan]:
     out: list[_Scan] = []
     ref = None
     for p in scans:
-        img = reg.read_3d(Path(p))
-        arr = reg.shifted(img)
-        body = reg.body_mask_array(arr + reg.AIR_HU, reg.axial_array_axis(img))
+        img = read_3d(Path(p))
+        arr = shifted(img)
+        body = body_mask_array(arr + AIR_HU, axial_array_axis(img))
         if ref is None:
             ref = (img, arr, body)
             t = np.zeros(3)
         else:
-            t = reg.initial_translation(ref[0], img, ref[1], arr, ref[2], body, cfg)
+            t = initial_translation(ref[0], img, ref[1], arr, ref[2], body, cfg)
         smooth = _smoothed(arr, img, img.GetOrigin(), cfg.learned.spacing_mm)
         grid = network_grid(img, body, cfg.learned.spacing_mm)
         out.append(_Scan(smooth, grid, _on_grid(smooth, grid, cfg.learned), np.asarray(t, dtype=float)))
@@ -272,7 +269,7 @@ def site_model(scans: Sequence[Path], model_dir: Path, cfg: RegistrationConfig,
 # propagation
 # --------------------------------------------------------------------------------------------------
 
-def displacement_transform(model: SiteModel, pair: reg.PreparedPair) -> sitk.Transform:
+def displacement_transform(model: SiteModel, pair: PreparedPair) -> sitk.Transform:
     """One forward pass: the fixed-world -> placed-atlas displacement as a ``sitk`` transform."""
     lc = model.cfg
     grid = network_grid(pair.fixed, pair.fixed_body, lc.spacing_mm)
@@ -296,15 +293,15 @@ def propagate(model: SiteModel, fixed_image: Path, atlas_image: Path, atlas_labe
     """
     fixed_image, atlas_image, atlas_label, out_dir = map(Path, (fixed_image, atlas_image, atlas_label, out_dir))
     key = hashlib.sha256(f"{pair_key(fixed_image, atlas_image, atlas_label, cfg)}:{model.key}:{LEARNED_RECIPE}"
-                         .encode()).hexdigest()[: reg.KEY_CHARS]
-    hit = reg.load_cached(key, out_dir, fixed_image, atlas_image, atlas_label)
+                         .encode()).hexdigest()[: KEY_CHARS]
+    hit = load_cached(key, out_dir, fixed_image, atlas_image, atlas_label)
     if hit is not None:
         return hit
     with _threads(model.cfg.num_threads):
         t0 = time.perf_counter()
-        pair = reg.prepare_pair(fixed_image, atlas_image, atlas_label, cfg)
+        pair = prepare_pair(fixed_image, atlas_image, atlas_label, cfg)
         transform = displacement_transform(model, pair)
-        return reg.finish_pair(pair, transform, out_dir, cfg, key, t0, recipe=LEARNED_RECIPE,
+        return finish_pair(pair, transform, out_dir, cfg, key, t0, recipe=LEARNED_RECIPE,
                                extra={"model": model.key, "model_path": None if model.path is None else str(model.path)})
 
 

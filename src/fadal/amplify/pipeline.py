@@ -32,7 +32,8 @@ import SimpleITK as sitk
 
 from fadal.amplify.fuse import fuse_files, fused_classes
 from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
-from fadal.amplify.register import RegistrationResult, register_many, registration_failure
+from fadal.amplify.register import register_many
+from fadal.amplify.result import RegistrationResult, registration_failure
 from fadal.config import AmplifyConfig
 from fadal.data.io import read_image, write_image, write_json
 from fadal.errors import FadalInputError

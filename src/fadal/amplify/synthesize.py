@@ -10,9 +10,12 @@ What is learned, per (atlas a, unlabeled target t), on the network's preprocesse
 spacing, HU window: exactly what training sees, so the fields are small and fast to apply):
 
 * **spatial transform** ``phi_t``: elastix affine + B-spline registration of the atlas onto the
-  target, made robust the way amplify/register.py does it and with its public helpers (body masks,
-  a searched initial translation, its failure thresholds ``min_ncc``/``min_body_dice``: a failed
-  registration is not sampled); transformix's deformation field gives, for every target voxel x,
+  target, made robust the way amplify/register.py does it and with the same functions (body masks
+  and NCC from :mod:`~fadal.amplify.geometry`, the searched initial translation of
+  :mod:`~fadal.amplify.initialize`, the recipe of :mod:`~fadal.amplify.elastix`, the failure
+  thresholds ``min_ncc``/``min_body_dice``: a failed registration is not sampled; the prepared
+  (X, Y, Z) tensors reach them as SimpleITK images through :func:`geometry.image_from_affine`);
+  transformix's deformation field gives, for every target voxel x,
   the atlas point ``phi_t(x)`` showing the same anatomy. It is stored as a ``grid_sample`` grid
   (float16) on the target's grid.
 * **appearance transform** ``d_t`` (in the atlas frame): the target brought back into the atlas frame
@@ -40,16 +43,20 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from fadal.amplify.elastix import deformation_field, run_elastix
+from fadal.amplify.geometry import (axial_array_axis, body_mask_array, body_z_range, dice, grid_world_points, grow,
+                                    image_from_affine, in_slab, ncc)
+from fadal.amplify.initialize import initial_translation
 from fadal.config import RegistrationConfig, SynthesisConfig
 from fadal.records import PreprocessConfig
 from fadal.data.io import PRIVATE, read_image, save_torch
@@ -57,7 +64,7 @@ from fadal.errors import FadalInputError
 from fadal.data.preprocess import inference_transforms, to_metatensor, training_transforms
 
 #: Bump when the way transforms are learned changes: old cache entries then no longer match.
-RECIPE_VERSION = "synthesis-v3-plain-tensors"
+RECIPE_VERSION = "synthesis-v4-shared-geometry-plain-tensors"
 #: Voxels above this windowed intensity (HU -230 in the [-250, 750] window) are "body".
 _BODY = 0.02
 
@@ -88,7 +95,7 @@ class LearnedTransform:
     cached: bool = False
 
     def failure(self, cfg: RegistrationConfig) -> str | None:
-        """Why this transform counts as a failed registration (register.py's thresholds), or None."""
+        """Why this transform counts as a failed registration (the thresholds of amplify/result.py), or None."""
         if not self.ncc_after >= cfg.min_ncc:
             return f"NCC {self.ncc_after:.3f} < min_ncc {cfg.min_ncc:g}"
         if not self.body_dice >= cfg.min_body_dice:
@@ -115,26 +122,6 @@ def prepare(case_id: str, image: Path, pre: PreprocessConfig, label: Path | None
 # learning one transform
 # --------------------------------------------------------------------------------------------------
 
-def _to_itk(arr_xyz: np.ndarray, affine: np.ndarray, dtype=np.float32):
-    """(X, Y, Z) array + voxel->world affine -> ITK image. The world here is MONAI's RAS; both
-    images of a pair use it alike, and elastix does not care which world convention it is."""
-    import itk
-
-    im = itk.image_from_array(np.ascontiguousarray(arr_xyz.transpose(2, 1, 0), dtype=dtype))
-    m = affine[:3, :3]
-    spacing = np.linalg.norm(m, axis=0)
-    im.SetSpacing(spacing.tolist())
-    im.SetOrigin(affine[:3, 3].tolist())
-    im.SetDirection(itk.matrix_from_array(np.ascontiguousarray(m / spacing)))
-    return im
-
-
-def _world_points(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
-    """World coordinates (X, Y, Z, 3) of every voxel centre."""
-    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
-    return idx @ affine[:3, :3].T + affine[:3, 3]
-
-
 def _coarser(shape: Sequence[int], affine: np.ndarray, factor: int = 2) -> tuple[tuple[int, ...], np.ndarray]:
     """A grid with ``factor`` x the spacing over the same region (same first voxel centre)."""
     a = affine.copy()
@@ -145,10 +132,10 @@ def _coarser(shape: Sequence[int], affine: np.ndarray, factor: int = 2) -> tuple
 def _resample_field(field_: torch.Tensor, src_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray) -> torch.Tensor:
     """A smooth field (X, Y, Z[, C]) on one grid, trilinearly resampled onto another (edges extended)."""
     src_shape = field_.shape[:3]
-    return _sample(field_, _normalised(_world_points(shape, affine), src_affine, src_shape), padding="border")
+    return sample_volume(field_, world_to_grid(grid_world_points(shape, affine), src_affine, src_shape), padding="border")
 
 
-def _normalised(points: np.ndarray | torch.Tensor, affine: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+def world_to_grid(points: np.ndarray | torch.Tensor, affine: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
     """World points (..., 3) -> grid_sample coordinates (..., 3) of a (X, Y, Z) volume.
 
     grid_sample on a (N, C, X, Y, Z) tensor reads the last grid axis as (Z, Y, X) index, normalised
@@ -161,7 +148,7 @@ def _normalised(points: np.ndarray | torch.Tensor, affine: np.ndarray, shape: Se
     return (2.0 * idx / size - 1.0).flip(-1)
 
 
-def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
+def sample_volume(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding: str = "zeros") -> torch.Tensor:
     """volume (X, Y, Z) or (X, Y, Z, C) sampled at grid (..., 3) -> (...,) or (..., C)."""
     vol = volume.float()
     channels = vol.ndim == 4
@@ -171,90 +158,47 @@ def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", pa
 
 
 def _ncc(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
-    if int(mask.sum()) < 2:
-        mask = torch.ones_like(mask)
-    x, y = a[mask].double(), b[mask].double()
-    x, y = x - x.mean(), y - y.mean()
-    den = torch.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / den) if den > 0 else 0.0
+    """:func:`geometry.ncc` of (X, Y, Z) tensors (NaN for an empty mask: no shared body, nothing to compare)."""
+    return ncc(a.numpy(), b.numpy(), mask.numpy())
 
 
-def _sitk(p: Prepared, arr_xyz: np.ndarray | None = None, origin: np.ndarray | None = None):
-    """A SimpleITK image of a prepared scan (array in z, y, x order), for register.py's helpers."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray((p.image.numpy() if arr_xyz is None else arr_xyz).transpose(2, 1, 0)))
-    m = p.affine[:3, :3]
-    spacing = np.linalg.norm(m, axis=0)
-    img.SetSpacing(spacing.tolist())
-    img.SetOrigin((p.affine[:3, 3] if origin is None else origin).tolist())
-    img.SetDirection((m / spacing).ravel().tolist())
-    return img
+def _body_zyx(img: sitk.Image) -> np.ndarray:
+    """Body mask (z, y, x) of a prepared scan as an image: geometry's (largest component, holes filled)."""
+    return body_mask_array(sitk.GetArrayViewFromImage(img), axial_array_axis(img), _BODY)
 
 
-def _body(p: Prepared) -> np.ndarray:
-    """Body mask (X, Y, Z) of a prepared scan: register.py's (largest component, holes filled)."""
-    from fadal.amplify.register import body_mask_array
-
-    return body_mask_array(p.image.numpy().transpose(2, 1, 0), 0, _BODY).transpose(2, 1, 0)
-
-
-def _grow(mask: np.ndarray, affine: np.ndarray, mm: float) -> np.ndarray:
-    from scipy.ndimage import binary_dilation
-
-    r = [max(1, int(round(mm / s))) for s in np.linalg.norm(affine[:3, :3], axis=0)]
-    x, y, z = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
-    return binary_dilation(mask, structure=(x / r[0]) ** 2 + (y / r[1]) ** 2 + (z / r[2]) ** 2 <= 1)
+def _body(p: Prepared) -> torch.Tensor:
+    """Body mask (X, Y, Z) of a prepared scan."""
+    return torch.as_tensor(_body_zyx(image_from_affine(p.image.numpy(), p.affine)).transpose(2, 1, 0))
 
 
 def _deformation(atlas: Prepared, target: Prepared, cfg: RegistrationConfig) -> np.ndarray:
     """World displacement (Xt, Yt, Zt, 3) mm: target voxel x shows the anatomy at atlas point x + u(x).
 
-    As amplify/register.py does it (the same public helpers): body masks, the atlas pre-translated
-    by :func:`register.initial_translation` (survives scans covering different body lengths), fixed
-    samples only in the craniocaudal slab where the atlas has body.
+    As amplify/register.py does it, through the same functions (on the prepared scans as SimpleITK
+    images, :func:`geometry.image_from_affine`): body masks, the atlas pre-translated by
+    :func:`initialize.initial_translation` (survives scans covering different body lengths), fixed
+    samples only in the craniocaudal slab where the atlas has body, the elastix recipe.
     """
-    import itk
-
-    from fadal.amplify.register import body_z_range, initial_translation, parameter_object
-
-    fixed_body, atlas_body = _body(target), _body(atlas)
-    fixed_img, atlas_img = _sitk(target), _sitk(atlas)
-    zyx = (2, 1, 0)
-    t = initial_translation(fixed_img, atlas_img, target.image.numpy().transpose(zyx), atlas.image.numpy().transpose(zyx),
-                            fixed_body.transpose(zyx), atlas_body.transpose(zyx), cfg)
+    fixed, moving = image_from_affine(target.image.numpy(), target.affine), image_from_affine(atlas.image.numpy(), atlas.affine)
+    fixed_arr, atlas_arr = sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(moving)
+    fixed_body, atlas_body = _body_zyx(fixed), _body_zyx(moving)
+    t = initial_translation(fixed, moving, fixed_arr, atlas_arr, fixed_body, atlas_body, cfg)
     origin = atlas.affine[:3, 3] - t  # the atlas moved by -t: its point x + t now sits at x
-    shifted = atlas.affine.copy()
-    shifted[:3, 3] = origin
-    masks = {}
+    masks = None
     if cfg.use_body_masks and fixed_body.any() and atlas_body.any():
-        m0, m1 = body_z_range(atlas_body.transpose(zyx), atlas_img)
-        fz = _world_points(target.image.shape, target.affine)[..., 2]
-        slab = (fz >= m0 - t[2] - cfg.mask_margin_mm) & (fz <= m1 - t[2] + cfg.mask_margin_mm)
-        masks = {"fixed_mask": _to_itk(_grow(fixed_body, target.affine, cfg.mask_margin_mm) & slab, target.affine, np.uint8),
-                 "moving_mask": _to_itk(_grow(atlas_body, atlas.affine, cfg.mask_margin_mm), shifted, np.uint8)}
-    moving = _to_itk(atlas.image.numpy(), shifted)
-    with tempfile.TemporaryDirectory(prefix="fadal_elastix_") as tmp:
-        try:
-            _, params = itk.elastix_registration_method(_to_itk(target.image.numpy(), target.affine), moving,
-                                                        parameter_object=parameter_object(cfg, default_pixel_value=0.0), log_to_console=False,
-                                                        output_directory=tmp, **masks)
-        except RuntimeError as err:
-            raise FadalInputError(f"synthesis: registration of atlas {atlas.case_id} onto {target.case_id} failed "
-                                  f"in elastix: do the scans show the same body region?") from err
-        # The field is smooth (B-spline control points >= 20 mm apart): transformix evaluates it on a
-        # grid of twice the spacing (8x fewer points; it costs more than the registration otherwise)
-        # and it is interpolated back. transformix writes deformationField.nii into its output
-        # directory: a private one, not the CWD.
-        c_shape, c_affine = _coarser(target.image.shape, target.affine)
-        last = params.GetNumberOfParameterMaps() - 1
-        params.SetParameter(last, "Size", [str(n) for n in c_shape])
-        params.SetParameter(last, "Spacing", [f"{v:.10g}" for v in np.linalg.norm(c_affine[:3, :3], axis=0)])
-        field_img = itk.transformix_deformation_field(moving, params, output_directory=tmp, log_to_console=False)
-        u = np.array(itk.array_from_image(field_img), dtype=np.float32).transpose(2, 1, 0, 3)  # (X, Y, Z, 3), copied
-    if u.shape[:3] != c_shape:
-        raise RuntimeError(f"transformix returned a field of shape {u.shape[:3]}, expected {c_shape}")
-    u = _resample_field(torch.as_tensor(u), c_affine, target.image.shape, target.affine).double()
+        margin = cfg.mask_margin_mm
+        masks = (grow(fixed_body, fixed, margin) & in_slab(fixed, body_z_range(atlas_body, moving), t[2], margin),
+                 grow(atlas_body, moving, margin))
+    params = run_elastix(fixed, fixed_arr, moving, atlas_arr, origin, cfg, masks,
+                         f"synthesis atlas {atlas.case_id} onto {target.case_id}", default_pixel_value=0.0)
+    # The field is smooth (B-spline control points >= 20 mm apart): transformix evaluates it on a
+    # grid of twice the spacing (8x fewer points; it costs more than the registration otherwise)
+    # and it is interpolated back.
+    c_shape, c_affine = _coarser(target.image.shape, target.affine)
+    u = deformation_field(params, target.affine[:3, 3], np.linalg.norm(c_affine[:3, :3], axis=0), c_shape)
+    u = torch.as_tensor(u.transpose(2, 1, 0, 3).astype(np.float32))  # (X, Y, Z, 3)
+    u = _resample_field(u, c_affine, target.image.shape, target.affine).double()
     return (u + torch.as_tensor(t)).numpy()
 
 
@@ -265,7 +209,7 @@ def _invert(u_t: torch.Tensor, target: Prepared, y: torch.Tensor, iterations: in
     the target's grid. The fields are smooth, so a few iterations converge.
     """
     y = y.float()
-    # world -> target grid_sample coordinates as one affine map (see _normalised)
+    # world -> target grid_sample coordinates as one affine map (see world_to_grid)
     inv = np.linalg.inv(target.affine)
     scale = 2.0 / np.asarray([max(n - 1, 1) for n in target.image.shape], dtype=np.float64)
     m = torch.as_tensor((scale[:, None] * inv[:3, :3])[::-1].copy(), dtype=torch.float32)
@@ -273,9 +217,9 @@ def _invert(u_t: torch.Tensor, target: Prepared, y: torch.Tensor, iterations: in
     u = u_t.float()
     x = y - u.reshape(-1, 3).mean(0)
     for _ in range(iterations):
-        x = y - _sample(u, x @ m.T + b, padding="border")
+        x = y - sample_volume(u, x @ m.T + b, padding="border")
     g = x @ m.T + b
-    residual = (x + _sample(u, g, padding="border") - y).norm(dim=-1)
+    residual = (x + sample_volume(u, g, padding="border") - y).norm(dim=-1)
     tol = 0.5 * float(np.linalg.norm(target.affine[:3, :3], axis=0).min())
     return x, (residual < tol) & (g.abs() <= 1.0).all(-1)
 
@@ -289,10 +233,10 @@ def _appearance(atlas: Prepared, target: Prepared, u_t: torch.Tensor, cfg: Synth
     from scipy.ndimage import gaussian_filter
 
     c_shape, c_affine = _coarser(atlas.image.shape, atlas.affine)
-    y = torch.as_tensor(_world_points(c_shape, c_affine), dtype=torch.float32)
+    y = torch.as_tensor(grid_world_points(c_shape, c_affine), dtype=torch.float32)
     x, valid = _invert(u_t, target, y)
-    t_in_atlas = _sample(target.image, _normalised(x, target.affine, target.image.shape))
-    diff = t_in_atlas - _sample(atlas.image, _normalised(y, atlas.affine, atlas.image.shape))
+    t_in_atlas = sample_volume(target.image, world_to_grid(x, target.affine, target.image.shape))
+    diff = t_in_atlas - sample_volume(atlas.image, world_to_grid(y, atlas.affine, atlas.image.shape))
     # A difference larger than any plausible appearance change is anatomy that registration did not
     # match (an edge, the body outline): it is left out rather than smeared into the field.
     valid = valid & (diff.abs() <= cfg.appearance_max)
@@ -331,22 +275,22 @@ def learn_transform(atlas: Prepared, target: Prepared, cfg: SynthesisConfig, cac
             pass  # damaged entry: learn again and overwrite it
     t0 = time.perf_counter()
     u = torch.as_tensor(_deformation(atlas, target, cfg.registration))
-    world = torch.as_tensor(_world_points(target.image.shape, target.affine))
-    grid = _normalised(world + u, atlas.affine, atlas.image.shape).float()
-    body = torch.as_tensor(_body(target))
-    identity = _normalised(world, atlas.affine, atlas.image.shape).float()
-    ncc_before = _ncc(target.image, _sample(atlas.image, identity), body)
+    world = torch.as_tensor(grid_world_points(target.image.shape, target.affine))
+    grid = world_to_grid(world + u, atlas.affine, atlas.image.shape).float()
+    body = _body(target)
+    identity = world_to_grid(world, atlas.affine, atlas.image.shape).float()
+    ncc_before = _ncc(target.image, sample_volume(atlas.image, identity), body)
     # Quality where the warped atlas has data: inside its field of view, and within the axial
     # slab its body covers (an atlas showing a shorter body length is not a failure; register.py).
-    warped_body = _sample(torch.as_tensor(_body(atlas)).float(), grid) > 0.5
-    view = _sample(torch.ones_like(atlas.image), grid) > 0.5
+    warped_body = sample_volume(_body(atlas).float(), grid) > 0.5
+    view = sample_volume(torch.ones_like(atlas.image), grid) > 0.5
     slices = torch.nonzero(warped_body.any(0).any(0)).flatten()
     if len(slices):
         view[..., : int(slices[0])] = False
         view[..., int(slices[-1]) + 1:] = False
-    ncc_after = _ncc(target.image, _sample(atlas.image, grid), body & view)
-    n = int((body & view).sum()) + int((warped_body & view).sum())
-    body_dice = 2.0 * int((body & warped_body & view).sum()) / n if n else 0.0
+    ncc_after = _ncc(target.image, sample_volume(atlas.image, grid), body & view)
+    in_view = (body & view).numpy()
+    body_dice = dice(in_view, (warped_body & view).numpy()) if in_view.any() else 0.0
     appearance = _appearance(atlas, target, u, cfg) if cfg.appearance == "field" else None
     out = LearnedTransform(target.case_id, grid.half(), target.affine, appearance, round(ncc_before, 4),
                            round(ncc_after, 4), round(body_dice, 4), round(time.perf_counter() - t0, 3))
@@ -372,8 +316,8 @@ def synthesize(atlas: Prepared, spatial: LearnedTransform, appearance: LearnedTr
     if appearance is not None and appearance.appearance is not None and scale:
         img = img + scale * appearance.appearance.float()
     grid = spatial.grid.float()
-    image = _sample(img, grid).clamp_(0.0, 1.0)
-    label = _sample(atlas.label.float(), grid, mode="nearest").round().to(torch.uint8)
+    image = sample_volume(img, grid).clamp_(0.0, 1.0)
+    label = sample_volume(atlas.label.float(), grid, mode="nearest").round().to(torch.uint8)
     return image, label
 
 
