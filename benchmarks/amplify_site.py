@@ -67,18 +67,19 @@ def main(argv=None) -> int:
     doc = {"site": args.site, "atlases": atlases, "unlabeled": len(unlabeled), "wall_s": round(wall, 1),
            "registration_s": round(marks.get("register", 0.0), 1),
            "fusion_qc_s": round(wall - marks.get("register", 0.0), 1), "rerun_s": round(rerun, 1),
-           "rerun_registrations": again["n_registrations_this_run"], "accepted": summary["n_accepted"],
-           "rejected": summary["rejected"], "failed_registrations": summary["n_failed_registrations_this_run"],
-           "registrations": summary["n_registrations_this_run"], "pseudo_label_dice": dice,
-           "mean_confidence": summary["mean_confidence"], "registration_config": cfg.registration.model_dump(mode="json")}
+           "rerun_registrations": again.n_registrations_this_run, "accepted": summary.n_accepted,
+           "rejected": [r.model_dump() for r in summary.rejected],
+           "failed_registrations": summary.n_failed_registrations_this_run,
+           "registrations": summary.n_registrations_this_run, "pseudo_label_dice": dice,
+           "mean_confidence": summary.mean_confidence, "registration_config": cfg.registration.model_dump(mode="json")}
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     print(f"\n{len(unlabeled)} unlabeled scans from {len(atlases)} atlases (OpenKBP site {args.site})")
     print(f"{'wall':>8}{'register':>10}{'fuse+QC':>9}{'accepted':>10}{'rejected':>10}{'failed reg':>12}{'re-run':>8}")
     print(f"{wall:7.0f}s{doc['registration_s']:9.0f}s{doc['fusion_qc_s']:8.0f}s{doc['accepted']:10d}"
           f"{len(doc['rejected']):10d}{doc['failed_registrations']:12d}{rerun:7.1f}s")
     print("pseudo-label Dice vs the withheld labels: " + ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if v is not None))
-    for r in summary["rejected"]:
-        print(f"  rejected {r['case']}: {'; '.join(r['reasons'])}")
+    for r in summary.rejected:
+        print(f"  rejected {r.case}: {'; '.join(r.reasons)}")
     print(f"results in {out / 'results.json'}")
     return 0
 

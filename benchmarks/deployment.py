@@ -41,17 +41,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _on_path(entry: dict, key: str, concurrent: bool) -> float:
-    """Seconds of ``key`` (per site) on the round's critical path: the slowest site when sites work at
-    once (deployment), all of them when they take turns (simulation)."""
-    per_site = list((entry.get(key) or {}).values())
+def _on_path(entry, key: str, concurrent: bool) -> float:
+    """Seconds of ``key`` (per site) of a :class:`fadal.records.RoundEntry` on the round's critical path:
+    the slowest site when sites work at once (deployment), all of them when they take turns (simulation)."""
+    per_site = list((getattr(entry, key) or {}).values())
     return max(per_site, default=0.0) if concurrent else sum(per_site)
 
 
-def overhead(history: dict, concurrent: bool) -> dict:
-    rounds = [r for r in history["rounds"] if "loss" in r]
-    wall = sum(r["seconds"] for r in rounds)
-    per_round = [r["seconds"] - _on_path(r, "client_seconds_per_site", concurrent) for r in rounds]
+def overhead(history, concurrent: bool) -> dict:
+    """Flower's share of a finished federation's :class:`fadal.records.FederationHistory`."""
+    rounds = [r for r in history.rounds if r.loss is not None]
+    wall = sum(r.seconds for r in rounds)
+    per_round = [r.seconds - _on_path(r, "client_seconds_per_site", concurrent) for r in rounds]
     critical = wall - sum(per_round)
     train = sum(_on_path(r, "train_seconds_per_site", concurrent) for r in rounds)
     # ClientApp process start-up (Python + torch + MONAI imports) on the critical path.
@@ -106,7 +107,10 @@ def run_deployment(cfg, views: dict[str, Path], out: Path) -> dict:
             raise RuntimeError(f"deployment run ended {result['status']}; logs in {root}")
     finally:
         deploy.stop(started)
-    history = json.loads((out / "history.json").read_text())
+    from fadal.data.io import read_record
+    from fadal.records import FederationHistory
+
+    history = read_record(FederationHistory, out / "history.json")
     return {"wall_s": round(wall, 1), "processes_start_s": round(t_up, 1), **overhead(history, concurrent=True)}
 
 

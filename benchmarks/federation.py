@@ -193,16 +193,16 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
         model, _, _, _ = load_checkpoint(out / name / "global_model.pt")
         caches = {s: out / name / "cache" / f"site_{s}" for s in views} if cfg.strategy == "fedbn" else None
         dice = evaluate_sites(model, views, plan, score, norm_cache=caches)
-        rounds = [r for r in history["rounds"] if "loss" in r]
-        train_s = sum(r.get("train_seconds_sum", 0.0) for r in rounds)
-        client_s = sum(r.get("client_seconds_sum", 0.0) for r in rounds)
-        rounds_s = sum(r.get("seconds", 0.0) for r in rounds)
+        rounds = [r for r in history.rounds if r.loss is not None]  # fadal.records.RoundEntry
+        train_s = sum(r.train_seconds_sum or 0.0 for r in rounds)
+        client_s = sum(r.client_seconds_sum or 0.0 for r in rounds)
+        rounds_s = sum(r.seconds or 0.0 for r in rounds)
         timing = {
             "federation_wall_s": round(t_fed, 1), "rounds_s": round(rounds_s, 1), "train_s": round(train_s, 1),
             "client_s": round(client_s, 1), "flower_and_server_s": round(t_fed - client_s, 1),
             "flower_share": round((t_fed - client_s) / t_fed, 3) if t_fed else None,
-            "bytes_up": sum(r.get("bytes_up", 0) for r in rounds), "bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
-            "loss_per_round": [round(r["loss"], 4) for r in rounds],
+            "bytes_up": sum(r.bytes_up or 0 for r in rounds), "bytes_down": sum(r.bytes_down or 0 for r in rounds),
+            "loss_per_round": [round(r.loss, 4) for r in rounds],
         }
         return VariantResult(name, time.perf_counter() - t0, dice, timing)
 

@@ -142,6 +142,8 @@ def pseudo_label_dice(label_dirs: dict[str, Path], sites: dict, train_data: Path
     import numpy as np
     import SimpleITK as sitk
 
+    from fadal.model.patches import read_provenance
+
     meta = json.loads((train_data / "cases.json").read_text())
     scores: dict[str, list[float]] = {}
     for name, site in sites.items():
@@ -154,7 +156,7 @@ def pseudo_label_dice(label_dirs: dict[str, Path], sites: dict, train_data: Path
                 continue
             pred = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
             ref = sitk.GetArrayFromImage(sitk.ReadImage(str(train_data / "labelsTr" / f"{case.case_id}.nii.gz")))
-            known = set(json.loads(prov.read_text()).get("organs_fused") or [])
+            known = set(read_provenance(prov).organs_fused)
             for organ in meta[case.case_id]["annotated"]:
                 if organ not in known:
                     continue
@@ -283,10 +285,10 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
             shared = out / "registrations" / f"site_{s}"
             shared.mkdir(parents=True, exist_ok=True)
             (amp / "registrations").symlink_to(shared.resolve(), target_is_directory=True)
-            amplification[f"{key}/site_{s}"] = {
-                x: v for x, v in amplify_site(view, amp, AmplifyConfig(registration=reg_cfg, max_atlases=k)).items()
-                if x in ("n_scans", "n_accepted", "n_rejected", "rejected", "n_atlases", "n_registrations_this_run",
-                         "n_failed_registrations_this_run", "registration_seconds_this_run", "total_seconds")}
+            amplification[f"{key}/site_{s}"] = amplify_site(view, amp, AmplifyConfig(registration=reg_cfg, max_atlases=k)
+                                                            ).model_dump(mode="json", include={
+                "n_scans", "n_accepted", "n_rejected", "rejected", "n_atlases", "n_registrations_this_run",
+                "n_failed_registrations_this_run", "registration_seconds_this_run", "total_seconds"})
             amp_dirs[s] = amp
         add_time("amplify_s", t0)
         pseudo[f"{key}/fusion"] = pseudo_label_dice(amp_dirs, sites, train_data)

@@ -27,6 +27,31 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=console)
 
 
+class _Bar:
+    """A progress bar shown from its first update on: a command whose inputs are checked before any work
+    (a bad file) ends with its error line alone, not an empty bar above it."""
+
+    def __init__(self, description: str, total: float | None = None) -> None:
+        self.description, self.total = description, total
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def update(self, **fields) -> None:
+        """``rich.progress.Progress.update`` of the bar's task (``advance=``, ``completed=``, ``description=``)."""
+        if self._progress is None:
+            self._progress = _progress()
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total)
+        self._progress.update(self._task, **fields)
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
     raise typer.Exit(2)
@@ -65,13 +90,13 @@ def amplify(
 
     try:
         cfg = load_yaml(AmplifyConfig, config) if config else AmplifyConfig()
-        with _progress() as prog:
-            task = prog.add_task("registrations", total=None)
-            summary = amplify_sites(site, out, cfg, progress=lambda *_: prog.advance(task))
+        with _Bar("registrations") as bar:
+            summary = amplify_sites(site, out, cfg, progress=lambda *_: bar.update(advance=1))
     except FadalInputError as err:
         _fail(err)
     for name, s in summary.items():
-        console.print(f"{name}: {s['n_scans']} scans amplified ({s['n_registrations_this_run']} new registrations) in {s['total_seconds']:.1f} s -> {out / name}")
+        console.print(f"{name}: {s.n_scans} scans amplified ({s.n_registrations_this_run} new registrations) in "
+                      f"{s.total_seconds:.1f} s -> {out / name}")
 
 
 @app.command()
@@ -137,12 +162,10 @@ def train(
                                       "`fadal plan`") from None
         budget_min = minutes or cfg.train.minutes
         total = steps or (10 ** 9 if budget_min else cfg.train.steps)
-        with _progress() as prog:  # the bar counts steps, or seconds of a --minutes budget
-            task = prog.add_task("training", total=budget_min * 60 if budget_min else total)
+        with _Bar("training", total=budget_min * 60 if budget_min else total) as bar:  # steps, or seconds
 
             def progress(step: int, _steps: int, loss: float, elapsed: float) -> None:
-                prog.update(task, completed=elapsed if budget_min else step,
-                            description=f"step {step} loss {loss:.3f}")
+                bar.update(completed=elapsed if budget_min else step, description=f"step {step} loss {loss:.3f}")
 
             ckpt = train_centralised(specs, out or cfg.out, cfg.train, the_plan, cfg.planner, steps=total,
                                      minutes=minutes, progress=progress, log=console.print)
@@ -174,14 +197,14 @@ def federate(
     try:
         cfg = load_yaml(FederationConfig, config)
         history = run(cfg)
-        _print_history(history["rounds"])
+        _print_history(history.rounds)
         _federation_report(cfg, history, evaluate_sites=True)
     except FadalInputError as err:
         _fail(err)
     console.print(f"global model: {cfg.out / 'global_model.pt'}; checkpoints in {cfg.out / 'checkpoints'}")
 
 
-def _federation_report(cfg, history: dict, evaluate_sites: bool) -> None:
+def _federation_report(cfg, history, evaluate_sites: bool) -> None:
     from fadal.pipeline import federation_report
 
     paths = federation_report(cfg, history, evaluate_sites=evaluate_sites)
@@ -191,14 +214,14 @@ def _federation_report(cfg, history: dict, evaluate_sites: bool) -> None:
         console.print(f"report: {paths['html']}")
 
 
-def _print_history(rounds: list[dict]) -> None:
+def _print_history(rounds) -> None:
     table = Table(title="federated rounds")
     for col in ("round", "loss", "mean Dice (sites)", "seconds"):
         table.add_column(col)
-    for r in rounds:
-        dice = (r.get("dice") or {}).get("mean")
-        table.add_row(str(r["round"]), f"{r.get('loss', float('nan')):.3f}", "–" if dice is None else f"{dice:.3f}",
-                      f"{r.get('seconds', 0):.1f}")
+    for r in rounds:  # fadal.records.RoundEntry: a step the round did not reach is None
+        dice = (r.dice or {}).get("mean")
+        table.add_row(str(r.round), "–" if r.loss is None else f"{r.loss:.3f}", "–" if dice is None else f"{dice:.3f}",
+                      "–" if r.seconds is None else f"{r.seconds:.1f}")
     console.print(table)
 
 
@@ -218,6 +241,7 @@ def predict(
     """Segment CT volumes and export label maps, surface meshes, views and DICOM-SEG.
 
     Label maps are written on each input's exact voxel grid. A folder run skips finished cases."""
+    from fadal.data.io import check_readable
     from fadal.model.infer import load_checkpoint
     from fadal.pipeline import ExportOptions, predict_case
 
@@ -226,6 +250,8 @@ def predict(
     try:
         net, labels, the_plan, _ = load_checkpoint(model)
         files = _expand_inputs(inputs, series)
+        for _, path in files:  # every input checked before the first case is written
+            check_readable(path)
         with _progress() as prog:
             task = prog.add_task("cases", total=len(files))
             for case_id, path in files:
@@ -346,7 +372,8 @@ app.registered_commands.extend(deploy_app.registered_commands)
 def _federate_deployment(config: Path, server: Optional[str], certs: Optional[Path], home: Optional[Path]) -> None:
     from fadal.config import FederationConfig, load_yaml
     from fadal.federated import deploy
-    from fadal.pipeline import load_json
+    from fadal.data.io import read_record
+    from fadal.records import FederationHistory
 
     if not server or not certs:
         _fail(FadalInputError("--deployment needs --server HOST:PORT and --certs DIR (the coordinator's folder)"))
@@ -361,9 +388,13 @@ def _federate_deployment(config: Path, server: Optional[str], certs: Optional[Pa
     if not result["ok"]:
         _fail(RuntimeError(f"run {result['run_id']} ended {result['status']} ({result.get('status-details')}); "
                            f"{cfg.out} keeps the last finished round: run the same command again to resume"))
-    history = load_json(Path(cfg.out) / "history.json")
-    if history:
-        _print_history(history["rounds"])
+    hist_path = Path(cfg.out) / "history.json"
+    if hist_path.exists():
+        try:
+            history = read_record(FederationHistory, hist_path, "federation history")
+        except FadalInputError as err:
+            _fail(err)
+        _print_history(history.rounds)
         _federation_report(cfg, history, evaluate_sites=False)  # the coordinator holds no images
     console.print(f"global model: {cfg.out / 'global_model.pt'}; checkpoints in {cfg.out / 'checkpoints'}")
 

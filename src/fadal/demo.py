@@ -24,6 +24,7 @@ from fadal.plan.planner import plan_for_sites
 from fadal.data.io import write_json
 from fadal.data.phantom import make_phantom
 from fadal.pipeline import amplify_sites, evaluate_checkpoint, federate, metrics_document, train_centralised, write_run_report
+from fadal.records import AmplificationSummary
 
 
 @dataclass
@@ -103,8 +104,7 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
             rounds=settings.rounds, local_steps=settings.local_steps, train=train_cfg, plan=plan,
             out=out / variant.replace("+", "_"), evaluate_every=settings.evaluate_every,
         )
-        history = federate(cfg)
-        histories[variant] = history["rounds"]
+        histories[variant] = federate(cfg).report_rounds()
         metrics[variant] = evaluate_checkpoint(cfg.out / "global_model.pt", sites)
         stage(variant)
 
@@ -112,7 +112,7 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
     stage("navigation")
 
     doc = metrics_document(metrics)
-    amp_summary = {name: _amplification_row(s) for name, s in amplification.items()}
+    amp_summary = {name: amplification_row(s) for name, s in amplification.items()}
     paths = write_run_report(out, doc, history=histories, amplification=amp_summary, overlays=overlays, viewer=viewer,
                              title="FADAL demo (synthetic phantom)")
     timings["total"] = time.perf_counter() - t0
@@ -140,34 +140,20 @@ def _navigation_example(out: Path, site: Path, checkpoint: Path) -> tuple[list[t
     return overlays, viewer_html(meshes, title=caption)
 
 
-def _amplification_row(summary: dict) -> dict:
+def amplification_row(summary: AmplificationSummary) -> dict:
     """A site's amplification summary -> the report's amplification row.
 
     Mean confidence per organ is over accepted scans only (what training uses); ``rejections`` lists
     ``"case: reason; reason"`` strings and ``demoted`` the organs QC set to unknown per accepted case
-(the report lists both under its amplification table).
+    (the report lists both under its amplification table).
     """
-    per_case = summary.get("per_case", {})
-    organs = summary.get("mean_confidence")
-    if organs is None:  # summaries written before QC existed
-        acc: dict[str, list[float]] = {}
-        for info in per_case.values():
-            if info.get("status", "accepted") != "accepted":
-                continue
-            for organ, stats in (info.get("organs") or {}).items():
-                if stats.get("mean_confidence") is not None:
-                    acc.setdefault(organ, []).append(stats["mean_confidence"])
-        organs = {o: sum(v) / len(v) for o, v in acc.items()}
-    n = summary.get("n_scans", 0)
-    rejected = summary.get("rejected", [])
     return {
-        "scans": n,
-        "accepted": n - len(rejected),
-        "rejected": len(rejected),
-        "mean_confidence": organs,
-        "seconds": summary.get("total_seconds", 0.0),
-        "rejections": [f"{r['case']}: {'; '.join(r.get('reasons', []))}" for r in rejected],
-        "demoted": [f"{case}: {'; '.join(info.get('reasons') or map(str, info['organs_demoted']))}"
-                    for case, info in per_case.items()
-                    if info.get("organs_demoted") and info.get("status", "accepted") == "accepted"],
+        "scans": summary.n_scans,
+        "accepted": summary.n_accepted,
+        "rejected": summary.n_rejected,
+        "mean_confidence": summary.mean_confidence,
+        "seconds": summary.total_seconds,
+        "rejections": [f"{r.case}: {'; '.join(r.reasons)}" for r in summary.rejected],
+        "demoted": [f"{case}: {'; '.join(info.reasons or info.organs_demoted)}"
+                    for case, info in summary.per_case.items() if info.organs_demoted and info.status == "accepted"],
     }

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from fadal.config import AmplifyConfig, FederationConfig, PlannerConfig, SiteSpec, TrainConfig
-from fadal.records import Plan
+from fadal.records import AmplificationSummary, FederationHistory, Plan
 from fadal.data.io import write_json
 from fadal.errors import FadalInputError
 from fadal.data.site import load_site
@@ -26,11 +26,13 @@ from fadal.model.patches import site_training_items
 
 
 def amplify_sites(sites: Sequence[Path], out: Path, cfg: AmplifyConfig,
-                  progress: Callable[[object], None] | None = None) -> dict[str, dict]:
-    """Amplify each site's labels into ``out/<site folder name>`` (resumable)."""
+                  progress: Callable[[object], None] | None = None) -> dict[str, AmplificationSummary]:
+    """Amplify each site's labels into ``out/<site folder name>`` (resumable). Every site is read and
+    checked before the first is amplified: a bad file stops the run before anything is written."""
     from fadal.amplify.pipeline import amplify_site
 
-    return {Path(s).name: amplify_site(Path(s), out / Path(s).name, cfg, progress=progress) for s in sites}
+    loaded = [load_site(s) for s in sites]
+    return {Path(s).name: amplify_site(site, out / Path(s).name, cfg, progress=progress) for s, site in zip(sites, loaded)}
 
 
 def train_centralised(sites: Sequence[SiteSpec], out: Path, train_cfg: TrainConfig, plan: Plan | None = None,
@@ -80,13 +82,14 @@ def train_centralised(sites: Sequence[SiteSpec], out: Path, train_cfg: TrainConf
     return ckpt
 
 
-def federate(cfg: FederationConfig) -> dict:
+def federate(cfg: FederationConfig) -> FederationHistory:
     from fadal.federated.simulation import simulate
 
     return simulate(cfg)
 
 
-def federation_report(cfg: FederationConfig, history: dict, evaluate_sites: bool = True) -> dict[str, Path] | None:
+def federation_report(cfg: FederationConfig, history: FederationHistory, evaluate_sites: bool = True
+                      ) -> dict[str, Path] | None:
     """The report of a finished federation, in ``cfg.out`` (report.html/.md, metrics.json).
 
     ``evaluate_sites`` (simulation: every site's folder is on this machine) scores the global model on
@@ -121,15 +124,15 @@ def federation_report(cfg: FederationConfig, history: dict, evaluate_sites: bool
         if results:
             doc = metrics_document({name: results})
     if doc is None:
-        scored = [r for r in history.get("rounds", []) if r.get("dice")]
+        scored = [r for r in history.rounds if r.dice]
         if scored:
             last = scored[-1]
-            organs = {o: {"dice": v} for o, v in last["dice"].items()}
-            doc = {"variants": {name: {f"sites (federated evaluation, round {last['round']})": organs}}}
+            organs = {o: {"dice": v} for o, v in last.dice.items()}
+            doc = {"variants": {name: {f"sites (federated evaluation, round {last.round})": organs}}}
     if doc is None:
         return None
     write_json(doc, out / "metrics.json")
-    return write_report(out, doc, history={name: history.get("rounds", [])}, title=f"FADAL federation: {out.name}")
+    return write_report(out, doc, history={name: history.report_rounds()}, title=f"FADAL federation: {out.name}")
 
 
 def evaluate_checkpoint(checkpoint: Path, sites: Sequence[Path], out: Path | None = None,

@@ -1,20 +1,32 @@
 """Typed records that stages hand each other (written by one stage, read by the next).
 
 Each top-level record carries a ``schema_version``; a reader gets exactly what the writer wrote,
-validated, never a dictionary read with ``.get(..., default)``. The :class:`Plan` (with its
-:class:`PreprocessConfig` and :class:`NetworkConfig`) goes from the planner to training, into every
-checkpoint and to inference; a site's :class:`Fingerprint` goes from the site to the planner.
+validated (:func:`fadal.data.io.read_record`), never a dictionary read with ``.get(..., default)``.
+Nothing has been released: a changed record bumps its ``schema_version``, and no reader keeps a
+branch for older files.
+
+* :class:`Plan` (with :class:`PreprocessConfig`, :class:`NetworkConfig`): planner -> training, every
+  checkpoint, inference; a site's :class:`Fingerprint`: site -> planner.
+* :class:`FusionProvenance` / :class:`SelfTrainProvenance` (``provenance/<case>.json``, one per
+  pseudo-labeled scan) and :class:`AmplificationSummary` (``amplification.json``): amplification ->
+  training, self-training, the report.
+* :class:`FederationHistory` of :class:`RoundEntry` (a federation's ``history.json``): the server
+  loops -> resume, the report, the demo.
+
+Fields that depend on how far a stage got are ``None`` when it did not get there (a rejected scan has
+no confidence; a round without federated evaluation has no Dice); every other field is always written.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN (a diverged loss) is written as NaN, as json.dumps does, so it reads back as NaN, not None.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 class Percentiles(_Record):
@@ -120,3 +132,211 @@ class Plan(_Record):
             raise ValueError(f"patch_size {self.patch_size} must be multiples of {k} for a network of "
                              f"{len(self.network.channels)} levels")
         return self
+
+
+# ------------------------------------------------------------------ amplification -> training, report
+
+class OrganCheck(_Record):
+    """QC measures of one fused organ on one scan (:func:`fadal.amplify.qc.check_pseudo_label`)."""
+
+    volume_ml: float
+    flags: list[Literal["missing", "volume", "fragmented", "low_confidence"]]
+    mean_confidence: float | None = Field(None, description="None when the organ is missing.")
+    volume_range_ml: tuple[float, float] | None = Field(None, description="The atlases' range widened by "
+                                                        "volume_factor; None when no atlas shows the organ.")
+    largest_parts_fraction: float | None = Field(None, description="None when the organ is missing.")
+
+
+class QCVerdict(_Record):
+    """The QC decision of one pseudo-label: ``kept`` organs may be trained on, ``demoted`` ones are unknown."""
+
+    accepted: bool
+    reasons: list[str]
+    organs: dict[str, OrganCheck]
+    kept: list[str]
+    demoted: list[str]
+
+
+class RefinedQC(QCVerdict):
+    """Self-training's QC (:func:`fadal.amplify.selftrain.check_refined`): ``reverted`` organs drifted from
+    the fusion and went back to its label."""
+
+    reverted: list[str]
+    checker: str
+
+
+class OrganStats(_Record):
+    voxels: int
+    mean_confidence: float | None = Field(description="Over the organ's voxels; None when it has none.")
+
+
+class AtlasUse(_Record):
+    """What one atlas did for one scan: its registration's measures and whether it was fused."""
+
+    case: str
+    image: str
+    label: str
+    annotated: list[str]
+    status: Literal["used", "failed", "not_selected"]
+    reason: str | None = Field(description="Why it was not used; None when used.")
+    warped_label: str | None
+    metric: str
+    metric_before: float | None
+    metric_init: float | None
+    metric_after: float | None
+    body_dice: float | None
+    overlap: float | None
+    init_translation_mm: list[float]
+    seconds: float
+    cached: bool
+
+
+class Provenance(_Record):
+    """What training reads of any pseudo-label sidecar (``provenance/<case>.json``, written last: a case
+    is done once it exists). ``organs_fused`` are the organs training may trust on this scan; every
+    other organ is unknown there."""
+
+    schema_version: int = 1
+    case: str
+    image: str
+    status: Literal["accepted", "rejected"]
+    reasons: list[str]
+    organs_fused: list[str]
+    organs_demoted: list[str]
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+
+class FusionProvenance(Provenance):
+    """``fadal amplify``'s sidecar (:mod:`fadal.amplify.pipeline`)."""
+
+    source: Literal["fusion"] = "fusion"
+    fusion_method: str
+    atlases: list[AtlasUse]
+    registration_seconds: float
+    fusion_seconds: float
+    config: dict[str, Any] = Field(description="The AmplifyConfig of the run, as JSON.")
+    qc: QCVerdict | None = Field(description="None when every registration failed (nothing was fused).")
+    organs_not_fused: list[str]
+    organs: dict[str, OrganStats]
+    mean_confidence: float | None = Field(description="Accepted scans only; None when rejected.")
+    mean_confidence_foreground: float | None = Field(description="Accepted scans with foreground only.")
+
+
+class SelfTrainProvenance(Provenance):
+    """Self-training's sidecar for a refined label (:func:`fadal.amplify.selftrain.refine_site`)."""
+
+    source: Literal["selftrain"] = "selftrain"
+    round: int
+    fusion: str | None = Field(description="The amplification folder refined, None without fusion.")
+    organs_reverted: list[str]
+    rule: dict[str, float]
+    stats: dict[str, float]
+    qc: RefinedQC
+    seconds: float
+
+
+#: Either sidecar, told apart by ``source`` (what :func:`fadal.data.io.read_record` takes to read one).
+AnyProvenance = Annotated[FusionProvenance | SelfTrainProvenance, Field(discriminator="source")]
+
+
+class CaseSummary(_Record):
+    """One scan's line in the amplification summary (from its provenance)."""
+
+    status: Literal["accepted", "rejected"]
+    reasons: list[str]
+    mean_confidence: float | None
+    mean_confidence_foreground: float | None
+    organs: dict[str, OrganStats] = Field(description="Accepted scans only (empty when rejected).")
+    organs_demoted: list[str]
+    seconds: float
+
+
+class RejectedScan(_Record):
+    case: str
+    reasons: list[str]
+
+
+class AmplificationSummary(_Record):
+    """A site's ``amplification.json``: what ``fadal amplify`` made of every unlabeled scan (all of them,
+    not only this run's) and what this run did."""
+
+    schema_version: int = 1
+    site: str
+    n_scans: int
+    n_accepted: int
+    n_rejected: int
+    rejected: list[RejectedScan]
+    mean_confidence: dict[str, float] = Field(description="Per organ, over the accepted scans.")
+    n_amplified_this_run: int
+    n_atlases: int
+    atlases: list[str]
+    n_registrations_this_run: int
+    n_failed_registrations_this_run: int
+    registration_seconds_this_run: float
+    total_seconds: float
+    fusion_method: str
+    organs_fused: list[str]
+    organs_not_fused: list[str]
+    per_case: dict[str, CaseSummary]
+
+
+# ------------------------------------------------------------------ federation -> resume, report, demo
+
+class RoundEntry(_Record):
+    """One federated round as the server recorded it. The strategy fills it in as the round goes
+    (bytes down when it configures training; sites, loss, bytes up when it aggregates; Dice when it
+    evaluates), so a field is None until its step ran: ``loss`` stays None in a round whose
+    aggregation never happened, ``dice`` in a round without federated evaluation. Sites are
+    Flower node ids, all the server knows of them."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants", validate_assignment=True)
+
+    round: int
+    sampled: int | None = None
+    sites: int | None = None
+    failures: int | None = None
+    loss: float | None = None
+    seconds: float | None = None
+    train_seconds_max: float | None = None
+    train_seconds_sum: float | None = None
+    train_seconds_per_site: dict[str, float] | None = None
+    client_seconds_sum: float | None = None
+    client_seconds_per_site: dict[str, float] | None = None
+    startup_seconds_per_site: dict[str, float] | None = None
+    bytes_down: int | None = None
+    bytes_down_per_site: dict[str, int] | None = None
+    bytes_up: int | None = None
+    bytes_up_per_site: dict[str, int] | None = None
+    transfer_dtypes: list[str] | None = None
+    epsilon: float | None = Field(None, description="Cumulative DP epsilon (client-side DP only).")
+    dice: dict[str, float] | None = Field(None, description="Federated evaluation: organ (and 'mean') -> Dice "
+                                          "averaged over the sites that scored it.")
+    eval_sites: int | None = None
+
+
+class FederationHistory(_Record):
+    """A federation's ``history.json``, rewritten after every round (with the round's checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants", validate_assignment=True)
+
+    schema_version: int = 1
+    rounds: list[RoundEntry] = Field(default_factory=list)
+    config: dict[str, Any] | None = Field(None, description="The FederationConfig of the run, as JSON.")
+    resumed_after: list[int] = Field(default_factory=list, description="Rounds after which a restart resumed.")
+    secure_aggregation: dict[str, Any] | None = Field(None, description="The SecAgg+ settings, when used.")
+    privacy: dict[str, Any] | None = Field(None, description="The DP accountant's summary, with client-side DP.")
+
+    def entry(self, server_round: int) -> RoundEntry:
+        """This round's entry, added if it is not there yet."""
+        for entry in self.rounds:
+            if entry.round == server_round:
+                return entry
+        self.rounds.append(RoundEntry(round=server_round))
+        return self.rounds[-1]
+
+    def report_rounds(self) -> list[dict[str, Any]]:
+        """The rounds as the report's ``history`` takes them (:func:`fadal.evaluate.report.write_report`)."""
+        return [r.model_dump(exclude_none=True) for r in self.rounds]

@@ -128,7 +128,7 @@ def test_amplify_site_with_learned_registration(tmp_path, phantom):
             sitk.WriteImage(lab, str(site / "labelsTr" / f"{case}.nii.gz"))
     cfg = AmplifyConfig(registration=_cfg(steps=3).model_copy(update={"method": "learned"}))
     summary = amplify_site(site, out, cfg)
-    assert summary["n_scans"] == 1 and summary["n_registrations_this_run"] == 2
+    assert summary.n_scans == 1 and summary.n_registrations_this_run == 2
     assert len(list((out / "registration_model").glob("*.pt"))) == 1
     prov = json.loads((out / "provenance" / "u001.json").read_text())
     assert prov["config"]["registration"]["method"] == "learned"

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fadal.amplify.pipeline import _list_cases, amplify_site
+from fadal.amplify.pipeline import amplify_site
 from fadal.config import AmplifyConfig
 from fadal.errors import FadalInputError
+from fadal.records import AmplificationSummary, FusionProvenance
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")  # SWIG, on importing itk
 
@@ -26,26 +27,40 @@ def _write_site(root, phantom, cases_json=None):
         "a002": phantom(40, 5.0, shift_mm=(-5.0, 3.0, -4.0), warp_mm=3.0, seed=3),
         "u001": phantom(48, 4.0, seed=1),
     }
+    drawn = {case: info["annotated"] for case, info in (cases_json or {}).items() if "annotated" in info}
     for case, (img, lab) in scans.items():
         sitk.WriteImage(img, str(root / "imagesTr" / f"{case}_0000.nii.gz"))
         if case.startswith("a"):
+            if case in drawn:  # a partial annotation: the organs not drawn are not in the label file
+                arr = sitk.GetArrayFromImage(lab)
+                arr[~np.isin(arr, [0] + [LABELS[o] for o in drawn[case] if o in LABELS])] = 0
+                partial = sitk.GetImageFromArray(arr)
+                partial.CopyInformation(lab)
+                lab = partial
             sitk.WriteImage(lab, str(root / "labelsTr" / f"{case}.nii.gz"))
     if cases_json is not None:
         (root / "cases.json").write_text(json.dumps(cases_json))
     return scans
 
 
-def test_list_cases_splits_and_annotations(tmp_path, phantom):
-    site = tmp_path / "site"
-    _write_site(site, phantom, {"a002": {"split": "labeled", "annotated": ["liver", "kidney"]}})
-    labeled, unlabeled, labels = _list_cases(site)
-    assert [(c, ids) for c, _, _, ids in labeled] == [("a001", [1, 2, 3]), ("a002", [1, 2])]
-    assert [c for c, _ in unlabeled] == ["u001"] and labels == LABELS
-    (site / "cases.json").write_text(json.dumps({"a001": {"split": "test"}, "a002": {"annotated": ["lung"]}}))
+def test_amplify_reads_the_site_with_load_site(tmp_path, phantom, fast_cfg, one_itk_thread):
+    """Atlases and targets are load_site's labeled and unlabeled cases: a held-out case is never an atlas,
+    a case cases.json calls unlabeled is a target even with a label file, a bad organ name stops the run."""
+    site, out = tmp_path / "site", tmp_path / "out"
+    _write_site(site, phantom, {"a001": {"split": "test"}, "a002": {"split": "unlabeled"}})
+    with pytest.raises(FadalInputError, match="no labeled case"):
+        amplify_site(site, out, AmplifyConfig(registration=fast_cfg(workers=1)))
+    (site / "cases.json").write_text(json.dumps({"a002": {"annotated": ["lung"]}}))
     with pytest.raises(FadalInputError, match="lung"):
-        _list_cases(site)
-    (site / "cases.json").write_text(json.dumps({"a001": {"split": "test"}}))
-    assert [c for c, *_ in _list_cases(site)[0]] == ["a002"]  # test labels never become atlases
+        amplify_site(site, out, AmplifyConfig(registration=fast_cfg(workers=1)))
+    assert not out.exists()  # checked before any work: nothing written
+    (site / "cases.json").write_text(json.dumps({"a002": {"split": "unlabeled"}}))
+    summary = amplify_site(site, out, AmplifyConfig(registration=fast_cfg(workers=1)))
+    assert summary.atlases == ["a001"] and list(summary.per_case) == ["a002", "u001"]
+
+
+def _provenance(out, case) -> FusionProvenance:
+    return FusionProvenance.model_validate_json((out / "provenance" / f"{case}.json").read_text())
 
 
 def test_amplify_site_outputs_and_resumes(tmp_path, phantom, fast_cfg, dice_score, one_itk_thread):
@@ -55,7 +70,7 @@ def test_amplify_site_outputs_and_resumes(tmp_path, phantom, fast_cfg, dice_scor
     cfg = AmplifyConfig(registration=fast_cfg(workers=1))
     events = []
     summary = amplify_site(site, out, cfg, progress=lambda *e: events.append(e))
-    assert summary["n_scans"] == 1 and summary["n_atlases"] == 2 and summary["n_registrations_this_run"] == 2
+    assert summary.n_scans == 1 and summary.n_atlases == 2 and summary.n_registrations_this_run == 2
     assert ("register", 2, 2) in events and ("fuse", 1, 1) in events
 
     image, truth = scans["u001"]
@@ -73,30 +88,30 @@ def test_amplify_site_outputs_and_resumes(tmp_path, phantom, fast_cfg, dice_scor
     assert dice_score(fused, sitk.GetArrayFromImage(truth)) > 0.75
     assert (fused == 3).sum() > 0  # spine, annotated by one atlas only, survives fusion
 
-    prov = json.loads((out / "provenance" / "u001.json").read_text())
-    assert [a["case"] for a in prov["atlases"]] == ["a001", "a002"]
-    assert [a["cached"] for a in prov["atlases"]] == [False, False]
-    assert prov["atlases"][1]["annotated"] == ["liver", "kidney"]
-    assert all(a["metric_after"] > a["metric_before"] for a in prov["atlases"])
-    assert prov["organs_fused"] == ["liver", "kidney", "spine"] and prov["fusion_method"] == "majority"
-    assert set(prov["organs"]) == {"liver", "kidney", "spine"}
-    assert json.loads((out / "amplification.json").read_text())["per_case"]["u001"]["mean_confidence"] > 0.5
+    prov = _provenance(out, "u001")
+    assert [a.case for a in prov.atlases] == ["a001", "a002"]
+    assert [a.cached for a in prov.atlases] == [False, False]
+    assert prov.atlases[1].annotated == ["liver", "kidney"]
+    assert all(a.metric_after > a.metric_before for a in prov.atlases)
+    assert prov.organs_fused == ["liver", "kidney", "spine"] and prov.fusion_method == "majority"
+    assert set(prov.organs) == {"liver", "kidney", "spine"}
+    written = AmplificationSummary.model_validate_json((out / "amplification.json").read_text())
+    assert written == summary and written.per_case["u001"].mean_confidence > 0.5
 
     # Done cases are skipped; an unfinished case (no provenance) reuses the cached registrations.
     again = amplify_site(site, out, cfg)
-    assert again["n_amplified_this_run"] == 0 and again["per_case"] == summary["per_case"]
+    assert again.n_amplified_this_run == 0 and again.per_case == summary.per_case
     (out / "provenance" / "u001.json").unlink()
     third = amplify_site(site, out, cfg)
-    assert third["n_amplified_this_run"] == 1 and third["n_registrations_this_run"] == 0
-    prov = json.loads((out / "provenance" / "u001.json").read_text())
-    assert [a["cached"] for a in prov["atlases"]] == [True, True]
+    assert third.n_amplified_this_run == 1 and third.n_registrations_this_run == 0
+    assert [a.cached for a in _provenance(out, "u001").atlases] == [True, True]
 
 
 def test_failed_atlas_excluded_and_unregistrable_scan_rejected(tmp_path, phantom, fast_cfg, one_itk_thread):
     """a003's scan is noise (its registration must fail and be left out of u001's fusion); u002 is no
     body at all (every atlas fails on it: rejected, no label file, skipped by training)."""
     from fadal.data.site import load_site
-    from fadal.demo import _amplification_row
+    from fadal.demo import amplification_row
     from fadal.model.patches import site_training_items
 
     site, out = tmp_path / "site", tmp_path / "out"
@@ -114,26 +129,26 @@ def test_failed_atlas_excluded_and_unregistrable_scan_rejected(tmp_path, phantom
     sitk.WriteImage(junk, str(site / "imagesTr" / "u002_0000.nii.gz"))
 
     summary = amplify_site(site, out, AmplifyConfig(registration=fast_cfg(workers=1)))
-    prov = json.loads((out / "provenance" / "u001.json").read_text())
-    status = {a["case"]: a["status"] for a in prov["atlases"]}
+    prov = _provenance(out, "u001")
+    status = {a.case: a.status for a in prov.atlases}
     assert status == {"a001": "used", "a002": "used", "a003": "failed"}
-    bad = next(a for a in prov["atlases"] if a["case"] == "a003")
-    assert bad["reason"].startswith("registration failed:") and "NCC" in bad["reason"]
-    assert prov["status"] == "accepted" and (out / "labels" / "u001.nii.gz").exists()
+    bad = next(a for a in prov.atlases if a.case == "a003")
+    assert bad.reason.startswith("registration failed:") and "NCC" in bad.reason
+    assert prov.status == "accepted" and (out / "labels" / "u001.nii.gz").exists()
 
-    rejected = json.loads((out / "provenance" / "u002.json").read_text())
-    assert rejected["status"] == "rejected" and rejected["reasons"] == ["all 3 atlas registrations failed"]
-    assert all(a["status"] == "failed" for a in rejected["atlases"])
+    rejected = _provenance(out, "u002")
+    assert rejected.status == "rejected" and rejected.reasons == ["all 3 atlas registrations failed"]
+    assert all(a.status == "failed" for a in rejected.atlases)
     assert not (out / "labels" / "u002.nii.gz").exists() and not (out / "confidence" / "u002.nii.gz").exists()
-    assert summary["n_scans"] == 2 and summary["n_accepted"] == 1 and summary["n_rejected"] == 1
-    assert summary["rejected"] == [{"case": "u002", "reasons": ["all 3 atlas registrations failed"]}]
-    assert set(summary["mean_confidence"]) == {"liver", "kidney", "spine"}
+    assert summary.n_scans == 2 and summary.n_accepted == 1 and summary.n_rejected == 1
+    assert [r.model_dump() for r in summary.rejected] == [{"case": "u002", "reasons": ["all 3 atlas registrations failed"]}]
+    assert set(summary.mean_confidence) == {"liver", "kidney", "spine"}
 
     items = site_training_items(load_site(site, validate=False), out, use_amplified=True)
     assert [i["label"] for i in items if i["label"].startswith(str(out))] == [str(out / "labels" / "u001.nii.gz")]
     assert items[-1]["known"] == [1, 2, 3]  # organs_fused of u001
 
-    row = _amplification_row(summary)
+    row = amplification_row(summary)
     assert (row["scans"], row["accepted"], row["rejected"]) == (2, 1, 1)
     assert row["rejections"] == ["u002: all 3 atlas registrations failed"]
 

@@ -75,7 +75,7 @@ def test_flagged_organ_is_demoted_or_rejects_the_scan():
     assert not res.accepted
     res = check_pseudo_label(label, conf, 1.0, [1, 2, 3], ref, NAMES, QCConfig(max_flagged_fraction=0.7))
     assert res.accepted and res.kept == [1] and res.demoted == [2, 3]
-    assert res.to_json(NAMES)["demoted"] == ["kidney", "spine"]
+    assert res.to_record(NAMES).demoted == ["kidney", "spine"]
     lab, c = demote(label, conf, res.demoted)
     assert (lab == 2).sum() == 0 and (lab == 1).sum() == (label == 1).sum()
     assert np.all(c[label == 2] == 0) and np.all(c[label == 1] == conf[label == 1])

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 
@@ -18,7 +19,10 @@ from fadal.records import PreprocessConfig
 from fadal.data.io import read_image, same_geometry
 from fadal.data.site import load_site
 from fadal.model.engine import make_sampler
-from fadal.model.patches import provenance_qc_accepted, site_training_items
+from fadal.errors import FadalInputError
+from fadal.model.patches import site_training_items
+from fadal.records import FusionProvenance, QCVerdict, SelfTrainProvenance
+from fadal.data.io import write_record
 from fadal_testing import tiny_plan
 
 PRE = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0))
@@ -46,15 +50,15 @@ def test_check_refined_reverts_drifting_organs_to_the_fusion_and_demotes_what_qc
     fused[4:6, 1:5, 1:5] = 2
     conf = np.ones(fused.shape, np.float32)
     label, c, ok = check_refined(fused, conf, [1, 2], names, fused, cfg)
-    assert ok["accepted"] and ok["kept"] == ["a", "b"] and not ok["reverted"] and provenance_qc_accepted({"qc": ok})
+    assert ok.accepted and ok.kept == ["a", "b"] and not ok.reverted
     # The network lost most of organ a and grew it into background elsewhere: a goes back to the fusion.
     shrunk = fused.copy()
     shrunk[1:3, 1:5, 2:5] = 0  # organ a keeps a quarter of its fused volume
     shrunk[0, 0, 0] = 1  # and claims one voxel the fusion calls background
     fused_conf = np.full(fused.shape, 0.8, np.float32)
     label, c, one = check_refined(shrunk, conf, [1, 2], names, fused, cfg, fused_conf=fused_conf)
-    assert one["accepted"] and one["reverted"] == ["a"] and one["kept"] == ["a", "b"] and not one["demoted"]
-    assert "a:" in one["reasons"][0] and "fusion" in one["reasons"][0]
+    assert one.accepted and one.reverted == ["a"] and one.kept == ["a", "b"] and not one.demoted
+    assert "a:" in one.reasons[0] and "fusion" in one.reasons[0]
     assert ((label == 1) == (fused == 1)).all()  # exactly the fused organ again
     assert np.allclose(c[fused == 1], 0.8) and c[0, 0, 0] == 0  # fusion's confidence; the stray voxel ignored
     assert (label[fused == 2] == 2).all() and (c[fused == 2] == 1).all()  # organ b untouched
@@ -62,9 +66,8 @@ def test_check_refined_reverts_drifting_organs_to_the_fusion_and_demotes_what_qc
     # and a scan with most organs flagged is rejected.
     tiny_ref = {1: OrganReference([2.0]), 2: OrganReference([2.0])}  # the atlases' organs: 2 ml; these: 32 ml
     label, c, bad = check_refined(fused, conf, [1, 2], names, fused, cfg, reference=tiny_ref)
-    assert bad["demoted"] == ["a", "b"] and not bad["accepted"] and not provenance_qc_accepted({"qc": bad})
+    assert bad.demoted == ["a", "b"] and not bad.accepted
     assert not label.any() and not c[fused > 0].any()
-    assert not provenance_qc_accepted({"status": "rejected"}) and provenance_qc_accepted({})
 
 
 def _site_with_fusion(tiny_site):
@@ -73,15 +76,32 @@ def _site_with_fusion(tiny_site):
     case's label map stands in for a good fused label."""
     shutil.copy(tiny_site / "imagesTr" / "case_000_0000.nii.gz", tiny_site / "imagesTr" / "case_009_0000.nii.gz")
     amp = tiny_site.parent / "amplified"
-    for case, qc in (("case_002", None), ("case_009", {"accepted": False, "reasons": ["test"]})):
+    for case, accepted in (("case_002", True), ("case_009", False)):
         (amp / "labels").mkdir(parents=True, exist_ok=True)
         shutil.copy(tiny_site / "labelsTr" / "case_000.nii.gz", amp / "labels" / f"{case}.nii.gz")
-        prov = {"case": case, "organs_fused": ["organA", "organB"]}
-        if qc is not None:
-            prov["qc"] = qc
-        (amp / "provenance").mkdir(exist_ok=True)
-        (amp / "provenance" / f"{case}.json").write_text(json.dumps(prov))
+        write_record(fusion_provenance(case, accepted, ["organA", "organB"]), amp / "provenance" / f"{case}.json")
     return load_site(tiny_site), amp
+
+
+def fusion_provenance(case: str, accepted: bool, organs: list[str]) -> FusionProvenance:
+    """A hand-made amplification sidecar: the scan's fused organs, accepted or rejected by QC."""
+    qc = QCVerdict(accepted=accepted, reasons=[] if accepted else ["test"], organs={},
+                   kept=organs if accepted else [], demoted=[])
+    return FusionProvenance(case=case, image=f"{case}_0000.nii.gz", status="accepted" if accepted else "rejected",
+                            reasons=qc.reasons, organs_fused=organs if accepted else [], organs_demoted=[],
+                            fusion_method="majority", atlases=[], registration_seconds=0.0, fusion_seconds=0.0,
+                            config={}, qc=qc, organs_not_fused=[], organs={}, mean_confidence=None,
+                            mean_confidence_foreground=None)
+
+
+def test_a_malformed_provenance_is_an_error_naming_the_file(tiny_site):
+    site, amp = _site_with_fusion(tiny_site)
+    (amp / "provenance" / "case_002.json").write_text(json.dumps({"case": "case_002", "qc": {"accept": True}}))
+    with pytest.raises(FadalInputError, match=r"case_002\.json: not a valid provenance file"):
+        site_training_items(site, amp, True)
+    (amp / "provenance" / "case_002.json").write_text('{"case": "case_0')  # half written
+    with pytest.raises(FadalInputError, match=r"case_002\.json: not a valid provenance file"):
+        site_training_items(site, amp, True)
 
 
 def test_selftrain_one_round_writes_refined_labels_in_scan_geometry(tiny_site, tmp_path):
@@ -106,6 +126,7 @@ def test_selftrain_one_round_writes_refined_labels_in_scan_geometry(tiny_site, t
     assert not (refined / "labels" / "case_009.nii.gz").exists()  # fusion QC rejected it: not refined
     summary = json.loads((refined / "selftrain.json").read_text())
     assert summary["per_case"]["case_009"] == {"skipped": "fusion QC rejected this scan"}
+    assert SelfTrainProvenance.model_validate_json((refined / "provenance" / "case_002.json").read_text()).round == 1
 
 
 def test_patches_mix_in_synthetic_pairs(tiny_site):

@@ -145,8 +145,8 @@ def test_condist_federation_two_rounds(tmp_path):
         plan=PLAN, partial_label_mode="condist", distill_weight=1.0, evaluate_every=2, out=tmp_path / "run",
     )
     history = simulate(cfg)
-    rounds = [r for r in history["rounds"] if "loss" in r]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["sites"] == 2 and r["failures"] == 0 and np.isfinite(r["loss"]) for r in rounds)
-    assert "organA" in rounds[-1]["dice"] and "organB" in rounds[-1]["dice"]
-    assert history["config"]["partial_label_mode"] == "condist"
+    rounds = [r for r in history.rounds if r.loss is not None]
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(r.sites == 2 and r.failures == 0 and np.isfinite(r.loss) for r in rounds)
+    assert "organA" in rounds[-1].dice and "organB" in rounds[-1].dice
+    assert history.config["partial_label_mode"] == "condist"

@@ -19,6 +19,7 @@ from fadal.federated.privacy import (GaussianRdpAccountant, SitePrivacy, compose
                                     make_accountant)
 from fadal.federated.strategies import build_strategy
 from fadal.model.net import build_network, norm_state_keys
+from fadal.records import FederationHistory
 
 TINY = TrainConfig(seed=4)
 PLAN = tiny_plan((4, 8), spacing_mm=8.0)
@@ -115,7 +116,7 @@ def test_dp_rounds_report_epsilon_per_site(tmp_path):
     sites = Sites({11 + k: SiteRuntime(f"s{k}", p, None, False, tmp_path / f"c{k}") for k, p in enumerate(paths)})
     cfg = FederationConfig(sites=[SiteSpec(name=f"s{k}", data=p) for k, p in enumerate(paths)], train=TINY,
                            plan=PLAN, dp_clip=0.5, dp_noise_multiplier=1.5, dp_delta=1e-6, out=tmp_path / "run")
-    history: dict = {}
+    history = FederationHistory()
     strategy = build_strategy(cfg, 2, history)
     model = build_network(3, PLAN.network)
     arrays = ArrayRecord(model.state_dict())
@@ -123,11 +124,11 @@ def test_dp_rounds_report_epsilon_per_site(tmp_path):
     for rnd in (1, 2, 3):
         before = arrays.to_torch_state_dict()
         _, replies, arrays, _ = drive_round(strategy, rnd, arrays, record, sites)
-        eps = history["rounds"][-1]["epsilon"]
+        eps = history.rounds[-1].epsilon
         # Replace-one adjacency: sensitivity 2 x clip, so the effective noise multiplier is 1.5 / 2.
         assert eps == pytest.approx(gaussian_rdp_epsilon(0.75, rnd, 1e-6)[0], rel=0.05)
-    assert history["rounds"][0]["epsilon"] < history["rounds"][1]["epsilon"] < history["rounds"][2]["epsilon"]
-    privacy = history["privacy"]
+    assert history.rounds[0].epsilon < history.rounds[1].epsilon < history.rounds[2].epsilon
+    privacy = history.privacy
     assert privacy["clip"] == 0.5 and privacy["noise_multiplier"] == 1.5 and privacy["delta"] == 1e-6
     assert privacy["releases_per_site"] == {"11": 3, "12": 3}
     # The server saves the accounting with its state to resume a run: it must survive pickling.
@@ -236,7 +237,7 @@ def test_every_message_a_site_sends_holds_only_arrays_and_allowed_scalars(tmp_pa
                            dp_noise_multiplier=1.0, partial_label_mode="condist", evaluate_every=1,
                            out=tmp_path / "run")
     history = simulation.simulate(cfg)
-    assert history["rounds"][-1]["epsilon"] > 0
+    assert history.rounds[-1].epsilon > 0
 
     model_keys = set(build_network(3, cfg.plan.network).state_dict())
     norm = set(norm_state_keys(build_network(3, cfg.plan.network)))

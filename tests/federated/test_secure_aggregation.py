@@ -54,10 +54,10 @@ def test_secagg_three_sites_weighted_mean_and_masked(tmp_path, monkeypatch):
     history = simulate(cfg)
 
     run = tmp_path / "run"
-    rounds = [r for r in history["rounds"] if "loss" in r]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(r["sites"] == 3 and r["failures"] == 0 and r["bytes_up"] > 0 for r in rounds)
-    assert "mean" in rounds[-1]["dice"]  # federated evaluation still works beside SecAgg+
+    rounds = [r for r in history.rounds if r.loss is not None]
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(r.sites == 3 and r.failures == 0 and r.bytes_up > 0 for r in rounds)
+    assert "mean" in rounds[-1].dice  # federated evaluation still works beside SecAgg+
     assert json.loads((run / "history.json").read_text())["secure_aggregation"]["protocol"].startswith("SecAgg+")
     assert all((run / "checkpoints" / f"round_{r:03d}.pt").exists() for r in (1, 2))
 

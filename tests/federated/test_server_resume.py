@@ -19,6 +19,7 @@ from fadal.config import FederationConfig, SiteSpec, TrainConfig
 from fadal_testing import tiny_plan
 from fadal.federated.site_task import SiteRuntime, local_evaluate, local_train
 from fadal.federated.server_app import run_federation
+from fadal.records import FederationHistory
 
 
 class LocalGrid(Grid):
@@ -82,27 +83,27 @@ def test_restarted_server_continues_after_the_last_finished_round(tmp_path):
 
     grid = LocalGrid(sites)
     history = run_federation(grid, cfg.model_copy(update={"rounds": 3}), LABELS, 2)
-    assert [r["round"] for r in history["rounds"]] == [1, 2, 3]
-    assert history["resumed_after"] == [1]
+    assert [r.round for r in history.rounds] == [1, 2, 3]
+    assert history.resumed_after == [1]
     assert grid.sent == 2 * 2  # rounds 2 and 3 only
     assert (cfg.out / "checkpoints" / "round_001.pt").stat().st_mtime_ns == first
     assert _round(cfg.out / "global_model.pt") == 3
-    assert json.loads((cfg.out / "history.json").read_text())["rounds"] == history["rounds"]
+    assert FederationHistory.model_validate_json((cfg.out / "history.json").read_text()) == history
 
     # Finished runs are not redone; resume=false starts over.
     grid = LocalGrid(sites)
     run_federation(grid, cfg.model_copy(update={"rounds": 3}), LABELS, 2)
     assert grid.sent == 0
     history = run_federation(LocalGrid(sites), cfg.model_copy(update={"resume": False}), LABELS, 2)
-    assert [r["round"] for r in history["rounds"]] == [1] and "resumed_after" not in history
+    assert [r.round for r in history.rounds] == [1] and history.resumed_after == []
     assert _round(cfg.out / "global_model.pt") == 1
 
 
 def test_a_round_counts_with_min_sites_answers_and_stops_below(tmp_path):
     cfg, sites = _setup(tmp_path, 3, min_sites=2)
     history = run_federation(LocalGrid(sites, dead=(2,)), cfg, LABELS, 3)
-    (entry,) = history["rounds"]
-    assert (entry["sampled"], entry["sites"], entry["failures"]) == (3, 2, 1)
+    (entry,) = history.rounds
+    assert (entry.sampled, entry.sites, entry.failures) == (3, 2, 1)
     assert _round(cfg.out / "global_model.pt") == 1
 
     strict = cfg.model_copy(update={"min_sites": 0, "rounds": 2})  # 0 = all three

@@ -126,7 +126,7 @@ def test_in_a_simulated_federation_the_server_sees_codes_only(tmp_path, flower_l
                            min_sites=1, evaluate_every=0, labels=LABELS, train=TrainConfig(num_threads=1), plan=PLAN,
                            out=tmp_path / "run")
     history = simulate(cfg)
-    assert history["rounds"][0]["sites"] == 1 and history["rounds"][0]["failures"] == 2
+    assert history.rounds[0].sites == 1 and history.rounds[0].failures == 2
     assert len(reasons) == 2
     for reason in reasons:
         assert_opaque(reason, tmp_path)

@@ -19,6 +19,7 @@ from fadal.federated.site_task import SiteRuntime, local_norm_path, local_train
 from fadal.federated.rounds import train_config_record
 from fadal.federated.strategies import RecordingMixin, build_strategy
 from fadal.model.net import build_network, norm_state_keys
+from fadal.records import FederationHistory
 
 TINY = TrainConfig(seed=1)
 PLAN = tiny_plan((4, 8), spacing_mm=8.0)
@@ -68,7 +69,7 @@ def two_sites(tmp_path) -> tuple[list, Sites]:
 def test_build_strategy_uses_flowers_strategy_with_recording(tmp_path, name, cls):
     cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"], strategy=name, proximal_mu=0.05,
                      fedopt={"eta": 0.03, "tau": 1e-4})
-    strategy = build_strategy(cfg, 2, {})
+    strategy = build_strategy(cfg, 2, FederationHistory())
     assert isinstance(strategy, cls) and isinstance(strategy, RecordingMixin)
     record = train_config_record(cfg, LABELS, cfg.plan)
     assert record["proximal-mu"] == (0.05 if name == "fedprox" else 0.0)
@@ -89,7 +90,7 @@ def _constant_reply(msg: Message, value: float, n: int, dtype=np.float32) -> Mes
 
 
 def test_fedavg_weights_by_num_examples_and_records_bytes(tmp_path):
-    history: dict = {}
+    history = FederationHistory()
     cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"])
     strategy = build_strategy(cfg, 2, history)
     model = build_network(3, PLAN.network)
@@ -98,16 +99,16 @@ def test_fedavg_weights_by_num_examples_and_records_bytes(tmp_path):
     messages, _, arrays, metrics = drive_round(strategy, 1, ArrayRecord(model.state_dict()), ConfigRecord(), answer)
     for a in arrays.values():
         np.testing.assert_allclose(a.numpy(), (1.0 * 1 + 5.0 * 3) / 4)
-    entry = history["rounds"][0]
+    entry = history.rounds[0]
     sent = ArrayRecord(model.state_dict()).count_bytes()
-    assert entry["bytes_down_per_site"] == {"7": sent, "8": sent} and entry["bytes_down"] == 2 * sent
-    assert set(entry["bytes_up_per_site"]) == {"7", "8"} and entry["bytes_up"] > 0
-    assert entry["sites"] == 2 and entry["failures"] == 0 and entry["loss"] == pytest.approx(4.0)
+    assert entry.bytes_down_per_site == {"7": sent, "8": sent} and entry.bytes_down == 2 * sent
+    assert set(entry.bytes_up_per_site) == {"7", "8"} and entry.bytes_up > 0
+    assert entry.sites == 2 and entry.failures == 0 and entry.loss == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
 def test_server_optimisers_step_from_the_global_model(tmp_path, name):
-    history: dict = {}
+    history = FederationHistory()
     cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"], strategy=name, fedopt={"eta": 0.01})
     strategy = build_strategy(cfg, 2, history)
     model = build_network(3, PLAN.network)
@@ -121,12 +122,12 @@ def test_server_optimisers_step_from_the_global_model(tmp_path, name):
         # An adaptive server step: towards the sites' average (0), bounded by about eta, not a jump to it.
         assert np.all(np.sign(step[big]) == -np.sign(glob[k][big]))
         assert np.abs(step).max() < 0.05
-    assert history["rounds"][0]["sites"] == 2
+    assert history.rounds[0].sites == 2
 
 
 def test_float16_transfer_halves_upload_and_server_averages_in_float32(tmp_path):
     _, sites = two_sites(tmp_path)
-    history: dict = {}
+    history = FederationHistory()
     cfg = fed_config(tmp_path, [tmp_path / "site_0", tmp_path / "site_1"], transfer_dtype="float16")
     strategy = build_strategy(cfg, 2, history)
     model = build_network(3, PLAN.network)
@@ -142,10 +143,10 @@ def test_float16_transfer_halves_upload_and_server_averages_in_float32(tmp_path)
     _, _, arrays, _ = drive_round(strategy, 1, ArrayRecord(model.state_dict()), record, answer)
     assert all(a.dtype == np.float16 for s in sent.values() for a in s.values())
     assert all(a.dtype == "float32" for a in arrays.values())
-    entry = history["rounds"][0]
-    assert entry["transfer_dtypes"] == ["float16"]
+    entry = history.rounds[0]
+    assert entry.transfer_dtypes == ["float16"]
     for node in ("101", "102"):
-        assert entry["bytes_up_per_site"][node] < 0.65 * entry["bytes_down_per_site"][node]
+        assert entry.bytes_up_per_site[node] < 0.65 * entry.bytes_down_per_site[node]
     # The average is the float32 average of the float16 values, weighted 1:2 (site sizes).
     for k, a in arrays.items():
         ups = [sent[node][k].astype(np.float32) for node in (101, 102)]
@@ -154,7 +155,7 @@ def test_float16_transfer_halves_upload_and_server_averages_in_float32(tmp_path)
 
 def test_fedbn_norm_layers_stay_at_each_site(tmp_path):
     _, sites = two_sites(tmp_path)
-    history: dict = {}
+    history = FederationHistory()
     cfg = fed_config(tmp_path, [tmp_path / "site_0", tmp_path / "site_1"], strategy="fedbn")
     strategy = build_strategy(cfg, 2, history)
     model = build_network(3, cfg.plan.network)
@@ -184,7 +185,7 @@ def test_fedbn_norm_layers_stay_at_each_site(tmp_path):
             saved[node] = ckpt["state"]
     differs = [k for k in norm if not torch.allclose(saved[101][k], saved[102][k])]
     assert differs, "both sites ended with identical norm layers"
-    assert history["rounds"][1]["bytes_down"] < 2 * ArrayRecord(model.state_dict()).count_bytes()
+    assert history.rounds[1].bytes_down < 2 * ArrayRecord(model.state_dict()).count_bytes()
 
 
 def test_fedbn_round_two_restores_the_sites_norm_layers(tmp_path, monkeypatch):
@@ -193,7 +194,7 @@ def test_fedbn_round_two_restores_the_sites_norm_layers(tmp_path, monkeypatch):
 
     _, sites = two_sites(tmp_path)
     cfg = fed_config(tmp_path, [tmp_path / "site_0", tmp_path / "site_1"], strategy="fedbn")
-    strategy = build_strategy(cfg, 2, {})
+    strategy = build_strategy(cfg, 2, FederationHistory())
     model = build_network(3, cfg.plan.network)
     record = train_config_record(cfg, LABELS, cfg.plan)
     _, _, arrays, _ = drive_round(strategy, 1, ArrayRecord(model.state_dict()), record, sites)
@@ -229,7 +230,7 @@ def test_fedbn_round_two_restores_the_sites_norm_layers(tmp_path, monkeypatch):
 
 def test_federated_dice_averages_each_organ_over_the_sites_that_scored_it(tmp_path):
     """A site that never drew organB has no Dice for it: organB is averaged over the others."""
-    history: dict = {}
+    history = FederationHistory()
     cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"])
     strategy = build_strategy(cfg, 2, history)
     model = build_network(3, PLAN.network)
@@ -241,5 +242,5 @@ def test_federated_dice_averages_each_organ_over_the_sites_that_scored_it(tmp_pa
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics["dice-organA"] == pytest.approx((0.5 + 3 * 0.9) / 4)
     assert metrics["dice-organB"] == pytest.approx(0.5)
-    assert history["rounds"][0]["dice"] == {"mean": pytest.approx(0.65), "organA": pytest.approx(0.8),
+    assert history.rounds[0].dice == {"mean": pytest.approx(0.65), "organA": pytest.approx(0.8),
                                             "organB": pytest.approx(0.5)}

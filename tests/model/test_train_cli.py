@@ -1,4 +1,5 @@
-"""`fadal plan` then `fadal train` from YAML, as a user runs them; a wrong --model is one clear line."""
+"""`fadal plan` then `fadal train` from YAML, as a user runs them; a broken plan file is one clear line
+(a wrong --model and other bad inputs: tests/cli/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -33,16 +34,6 @@ def test_plan_then_train_from_yaml(tmp_path):
     model, labels, used, _ = load_checkpoint(tmp_path / "run" / "model.pt")  # relative paths: next to the YAML
     assert used == plan and labels["organA"] == 1
     assert json.loads((tmp_path / "run" / "history.json").read_text())["steps"] == 4
-
-
-def test_predict_with_a_file_that_is_not_a_checkpoint_is_one_clear_line(tmp_path):
-    (tmp_path / "model.pt").write_text("a half-copied file")
-    ct = write_site(tmp_path / "site", n_labeled=1, n_unlabeled=0, n_test=0) / "imagesTr" / "case_000_0000.nii.gz"
-    result = CliRunner().invoke(app, ["predict", str(ct), "--model", str(tmp_path / "model.pt"), "--out",
-                                      str(tmp_path / "out")])
-    assert result.exit_code == 2
-    assert "model.pt: not a FADAL model checkpoint" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "out").exists()
 
 
 def test_train_with_a_broken_plan_file_is_one_clear_line(tmp_path):

@@ -25,7 +25,7 @@ organs are flagged, or none is left. Without ``demote_flagged`` any flag rejects
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from fadal.config import QCConfig
 from fadal.data.io import read_image
+from fadal.records import QCVerdict
 
 #: A connected component holding at least this fraction of an organ counts as a real part of it.
 SUBSTANTIAL_PART = 0.10
@@ -58,11 +59,11 @@ class QCResult:
     kept: list[int]
     demoted: list[int]
 
-    def to_json(self, names: dict[int, str]) -> dict:
-        out = asdict(self)
-        out["kept"] = [names.get(c, str(c)) for c in self.kept]
-        out["demoted"] = [names.get(c, str(c)) for c in self.demoted]
-        return out
+    def to_record(self, names: dict[int, str]) -> QCVerdict:
+        """The decision as the provenance sidecar stores it (organs by name)."""
+        return QCVerdict(accepted=self.accepted, reasons=self.reasons, organs=self.organs,
+                         kept=[names.get(c, str(c)) for c in self.kept],
+                         demoted=[names.get(c, str(c)) for c in self.demoted])
 
 
 def _components(mask: np.ndarray) -> np.ndarray:

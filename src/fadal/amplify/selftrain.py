@@ -17,19 +17,19 @@ the atlases could not show. One round:
    ``fadal train --amplified`` read it like any amplification;
 5. retrain (a fresh network by default, so the previous weights' mistakes are not simply kept).
 
-Partial annotations: only organs the fusion produced (``organs_fused`` in its provenance; without
-fusion, the organs the site's labeled cases drew) are *known* in a refined label. A model prediction
+Partial annotations: only organs the fusion produced (``organs_fused`` in its
+:class:`~fadal.records.FusionProvenance`; without fusion, the organs the site's labeled cases drew)
+are *known* in a refined label. A model prediction
 of any other organ becomes 0 there and, that organ being unknown, the partial-label loss treats the 0
 as "background or that organ", never as plain background.
 
-QC: a scan whose amplification was rejected (provenance ``"status"``/``"qc"``, see
-:func:`fadal.model.patches.provenance_qc_accepted`) is not refined. A refined label that QC rejects is
-written (for inspection) but marked rejected, and training skips it.
+QC: a scan whose amplification was rejected (its provenance's ``status``) is not refined. A refined
+label that QC rejects is written (for inspection) with a :class:`~fadal.records.SelfTrainProvenance`
+marked rejected, and training skips it.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,13 +41,13 @@ import torch
 
 from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
 from fadal.config import SelfTrainConfig, TrainConfig
-from fadal.records import Plan
-from fadal.data.io import read_image, same_geometry, resample_like, write_image, write_json
+from fadal.data.io import read_image, same_geometry, resample_like, write_image, write_json, write_record
 from fadal.data.site import Site
 from fadal.model.engine import train_model
 from fadal.model.infer import predict_image, save_checkpoint
 from fadal.model.net import pick_device
-from fadal.model.patches import provenance_qc_accepted, site_training_items
+from fadal.model.patches import amplified_known, provenance_qc_accepted, read_provenance, site_training_items
+from fadal.records import Plan, Provenance, RefinedQC, SelfTrainProvenance
 
 
 @dataclass
@@ -98,7 +98,7 @@ def refine_label(model_label: np.ndarray, model_conf: np.ndarray, known: Sequenc
 def check_refined(label: np.ndarray, conf: np.ndarray, known: Sequence[int], names: dict[int, str],
                   fused_label: np.ndarray | None, cfg: SelfTrainConfig,
                   reference: dict[int, OrganReference] | None = None, voxel_ml: float = 1.0,
-                  fused_conf: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                  fused_conf: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, RefinedQC]:
     """QC of a refined label -> (label, confidence, verdict).
 
     First *drift*: an organ whose kept volume leaves [``min_volume_ratio``, ``max_volume_ratio``] x its
@@ -138,17 +138,17 @@ def check_refined(label: np.ndarray, conf: np.ndarray, known: Sequence[int], nam
     if not accepted and not reasons:
         reasons.append("no organ left")
     label, conf = demote(label, conf, demoted)
-    verdict = {"accepted": accepted, "reasons": reasons, "kept": [names.get(c, str(c)) for c in kept],
-               "demoted": [names.get(c, str(c)) for c in demoted], "reverted": [names.get(c, str(c)) for c in reverted],
-               "organs": amp.organs,
-               "checker": "fadal.amplify.selftrain.check_refined (drift -> fusion + fadal.amplify.qc)"}
+    verdict = RefinedQC(accepted=accepted, reasons=reasons, kept=[names.get(c, str(c)) for c in kept],
+                        demoted=[names.get(c, str(c)) for c in demoted],
+                        reverted=[names.get(c, str(c)) for c in reverted], organs=amp.organs,
+                        checker="fadal.amplify.selftrain.check_refined (drift -> fusion + fadal.amplify.qc)")
     return label, conf, verdict
 
 
-def _known_organs(sts: SelfTrainSite, provenance: dict | None) -> list[int]:
+def _known_organs(sts: SelfTrainSite, provenance: Provenance | None) -> list[int]:
     site = sts.site
-    if provenance is not None and provenance.get("organs_fused") is not None:
-        return [site.labels[o] if isinstance(o, str) else int(o) for o in provenance["organs_fused"]]
+    if provenance is not None:
+        return amplified_known(provenance, site)
     return sorted({i for c in site.labeled for i in site.annotated_ids(c)})
 
 
@@ -178,7 +178,7 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, plan:
         if sts.amplified is not None:
             p = Path(sts.amplified) / "provenance" / f"{case.case_id}.json"
             if p.exists():
-                prov_in = json.loads(p.read_text())
+                prov_in = read_provenance(p)
                 if not provenance_qc_accepted(prov_in):
                     per_case[case.case_id] = {"skipped": "fusion QC rejected this scan"}
                     continue
@@ -199,17 +199,17 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, plan:
             img = sitk.GetImageFromArray(arr)
             img.CopyInformation(image)  # exactly the scan's geometry
             write_image(img, out_dir / sub / f"{case.case_id}.nii.gz")
-        prov = {
-            "case": case.case_id, "image": str(case.image), "source": "selftrain", "round": round_no,
-            "fusion": str(sts.amplified) if fused is not None else None,
-            "status": "accepted" if qc["accepted"] else "rejected",
+        prov = SelfTrainProvenance(
+            case=case.case_id, image=str(case.image), round=round_no,
+            fusion=str(sts.amplified) if fused is not None else None,
+            status="accepted" if qc.accepted else "rejected", reasons=qc.reasons,
             # What training may trust: organs known here and kept by QC (demoted ones are unknown).
-            "organs_fused": qc["kept"], "organs_demoted": qc["demoted"], "organs_reverted": qc["reverted"],
-            "rule": {"model_confidence": cfg.model_confidence},
-            "stats": stats, "qc": qc, "seconds": round(time.perf_counter() - t0, 3),
-        }
-        write_json(prov, out_dir / "provenance" / f"{case.case_id}.json")  # last: marks the case done
-        per_case[case.case_id] = {"qc": qc["accepted"], **stats}
+            organs_fused=qc.kept, organs_demoted=qc.demoted, organs_reverted=qc.reverted,
+            rule={"model_confidence": cfg.model_confidence},
+            stats=stats, qc=qc, seconds=round(time.perf_counter() - t0, 3),
+        )
+        write_record(prov, out_dir / "provenance" / f"{case.case_id}.json")  # last: marks the case done
+        per_case[case.case_id] = {"qc": qc.accepted, **stats}
     summary = {"site": site.name, "round": round_no, "per_case": per_case,
                "accepted": sum(1 for v in per_case.values() if v.get("qc")), "scans": len(site.unlabeled)}
     write_json(summary, out_dir / "selftrain.json")

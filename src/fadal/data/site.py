@@ -9,7 +9,11 @@ Accepted layouts:
 
 An optional ``cases.json`` maps case id -> ``{"annotated": [organ, ...], "split": ...}``. An organ
 missing from ``annotated`` was never drawn in that case: its voxels are *unknown*, not background,
-and the loss must not teach the network that they are background.
+and the loss must not teach the network that they are background. ``split`` decides a training case's
+role (:func:`training_role`): ``"unlabeled"`` makes a scan unlabeled even if a label file exists.
+
+This module is the one reader of a site folder: amplification, training, planning and self-training
+all take their cases from :func:`load_site`, so they never disagree on which scan is which.
 """
 
 from __future__ import annotations
@@ -91,9 +95,50 @@ def parse_labels(meta: dict, path: Path) -> dict[str, int]:
     return labels
 
 
+def read_cases_json(path: Path) -> dict[str, dict]:
+    """``cases.json``: case id -> ``{"annotated": [...], "split": ...}`` (empty when the file is absent)."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FadalInputError(f"{path}: not valid JSON ({err})") from err
+    bad = [k for k, v in meta.items() if not isinstance(v, dict)] if isinstance(meta, dict) else ["(top level)"]
+    if bad:
+        raise FadalInputError(f"{path}: each entry must be an object like {{\"annotated\": [...], \"split\": ...}}; "
+                              f"not so for {bad[:3]}")
+    return meta
+
+
+def training_role(cid: str, label: Path | None, split: str | None, cases_json: Path) -> str:
+    """Where a training-folder case goes: ``"labeled"``, ``"unlabeled"`` or ``"test"``. THE rule, for
+    every reader of a site (amplification, training, planning, self-training):
+
+    * no ``split`` in ``cases.json``: labeled when its label file exists, else unlabeled;
+    * ``"unlabeled"``: unlabeled **even when a label file exists** (that file is never read: a site may
+      keep reference labels of scans it treats as unannotated, e.g. to measure pseudo-labels);
+    * ``"test"``: held out (never an atlas, never trained on); it needs its label file;
+    * any other split (``"labeled"``, ``"train"``, ``"validation"``, ...): labeled; it needs its label file.
+
+    A split that needs a label file without one is an error naming both, not a silent demotion.
+    """
+    if split is None:
+        return "labeled" if label is not None else "unlabeled"
+    if split == "unlabeled":
+        return "unlabeled"
+    if label is None:
+        raise FadalInputError(f"{cases_json}: case {cid} is marked split {split!r} but has no label file; "
+                              "add its label or mark it \"unlabeled\"")
+    return "test" if split == "test" else "labeled"
+
+
 def load_site(root: str | Path, name: str | None = None, cases_json: str | Path | None = None,
               validate: bool = True) -> Site:
-    """Index a site folder; with ``validate`` every image/label pair is opened and checked."""
+    """Index a site folder; with ``validate`` every image/label pair is opened and checked (once, up
+    front: a bad file is one :class:`FadalInputError` naming it before any work starts).
+
+    Which case is labeled, unlabeled or held out: :func:`training_role`. Held-out scans in
+    ``imagesTs/`` (MSD: ``test``) count only with a reference label."""
     root = Path(root)
     if not root.is_dir():
         raise FadalInputError(f"{root}: site folder not found")
@@ -101,65 +146,68 @@ def load_site(root: str | Path, name: str | None = None, cases_json: str | Path 
     labels = parse_labels(meta, root / "dataset.json")
     organs = [n for n, v in labels.items() if v != 0]
     cj = Path(cases_json) if cases_json else root / "cases.json"
-    case_meta: dict = json.loads(cj.read_text()) if cj.exists() else {}
+    case_meta = read_cases_json(cj)
+    buckets: dict[str, list[Case]] = {"labeled": [], "unlabeled": [], "test": []}
 
-    def make_case(cid: str, image: Path, label: Path | None, default_split: str) -> Case:
+    def add(cid: str, image: Path, label: Path | None, role: str | None = None) -> None:
         info = case_meta.get(cid, {})
-        annotated = list(info.get("annotated", organs if label is not None else []))
+        role = role or training_role(cid, label, info.get("split"), cj)
+        if role == "unlabeled":
+            label = None
+        annotated = list(info.get("annotated", organs)) if label is not None else []
         bad = [o for o in annotated if o not in labels]
         if bad:
             raise FadalInputError(f"{cj}: case {cid} lists unknown organs {bad}; dataset.json has {organs}")
-        split = info.get("split", default_split)
-        return Case(cid, image, label, annotated if label is not None else [], split)
+        buckets[role].append(Case(cid, image, label, annotated, info.get("split", role)))
 
-    labeled: list[Case] = []
-    unlabeled: list[Case] = []
-    test: list[Case] = []
-    if "training" in meta and isinstance(meta["training"], list) and meta["training"] and isinstance(meta["training"][0], dict):
-        for entry in meta["training"]:  # MSD layout
+    training = meta.get("training")
+    if isinstance(training, list) and training and isinstance(training[0], dict):
+        for entry in training:  # MSD layout
             image = (root / entry["image"]).resolve()
-            label = (root / entry["label"]).resolve() if entry.get("label") else None
-            cid = strip_suffix(image.name)
-            (labeled if label else unlabeled).append(make_case(cid, image, label, "labeled" if label else "unlabeled"))
+            add(strip_suffix(image.name), image, (root / entry["label"]).resolve() if entry.get("label") else None)
         for entry in meta.get("test", []):
             img = root / (entry["image"] if isinstance(entry, dict) else entry)
-            lab = root / entry["label"] if isinstance(entry, dict) and entry.get("label") else None
-            if lab is not None:
-                test.append(make_case(strip_suffix(img.name), img, lab, "test"))
+            if isinstance(entry, dict) and entry.get("label"):
+                add(strip_suffix(img.name), img, root / entry["label"], "test")
     else:
-        for split_dir, label_dir, bucket in (("imagesTr", "labelsTr", "train"), ("imagesTs", "labelsTs", "test")):
-            img_dir = root / split_dir
-            if not img_dir.is_dir():
-                if split_dir == "imagesTr":
-                    raise FadalInputError(f"{root}: no imagesTr/ folder (nnU-Net v2 layout expected)")
-                continue
-            for image in sorted(img_dir.iterdir()):
-                stem = strip_suffix(image.name)
-                if stem == image.name or image.name.startswith("."):
-                    continue
-                if not stem.endswith("_0000"):
-                    raise FadalInputError(f"{image}: nnU-Net images are named <case>_0000{IMAGE_SUFFIXES[0]}")
-                cid = stem[: -len("_0000")]
-                label = next((root / label_dir / f"{cid}{s}" for s in IMAGE_SUFFIXES
-                              if (root / label_dir / f"{cid}{s}").exists()), None)
-                if bucket == "test":
-                    if label is not None:
-                        test.append(make_case(cid, image, label, "test"))
-                    continue
-                case = make_case(cid, image, label, "labeled" if label else "unlabeled")
-                if case.split == "test" and label is not None:
-                    test.append(case)
-                else:
-                    (labeled if label is not None else unlabeled).append(case)
-    if not labeled and not unlabeled:
+        for image, label in _nnunet_cases(root, "imagesTr", "labelsTr", required=True):
+            add(_case_id(image), image, label)
+        for image, label in _nnunet_cases(root, "imagesTs", "labelsTs", required=False):
+            if label is not None:
+                add(_case_id(image), image, label, "test")
+    if not buckets["labeled"] and not buckets["unlabeled"]:
         raise FadalInputError(f"{root}: no training images found")
-    site = Site(root, name or root.name, labels, labeled, unlabeled, test)
+    site = Site(root, name or root.name, labels, buckets["labeled"], buckets["unlabeled"], buckets["test"])
     if validate:
         for case in site.labeled + site.test:
             load_pair(site, case)
         for case in site.unlabeled:
             check_image_values(read_image(case.image), case.image)
     return site
+
+
+def _nnunet_cases(root: Path, images: str, labels: str, required: bool) -> list[tuple[Path, Path | None]]:
+    """``(image, label or None)`` for each ``<case>_0000`` image of an nnU-Net folder, by file name."""
+    img_dir = root / images
+    if not img_dir.is_dir():
+        if required:
+            raise FadalInputError(f"{root}: no {images}/ folder (nnU-Net v2 layout expected)")
+        return []
+    found = []
+    for image in sorted(img_dir.iterdir()):
+        stem = strip_suffix(image.name)
+        if stem == image.name or image.name.startswith("."):
+            continue
+        if not stem.endswith("_0000"):
+            raise FadalInputError(f"{image}: nnU-Net images are named <case>_0000{IMAGE_SUFFIXES[0]}")
+        cid = stem[: -len("_0000")]
+        found.append((image, next((root / labels / f"{cid}{s}" for s in IMAGE_SUFFIXES
+                                   if (root / labels / f"{cid}{s}").exists()), None)))
+    return found
+
+
+def _case_id(image: Path) -> str:
+    return strip_suffix(image.name)[: -len("_0000")]
 
 
 def load_pair(site: Site, case: Case) -> tuple[sitk.Image, sitk.Image | None]:

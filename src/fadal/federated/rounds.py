@@ -1,5 +1,6 @@
 """What both server loops (plain and SecAgg+) share: the train config a round sends, the resume point,
-history entries, the strategy's state, and the round's checkpoints."""
+the strategy's state, and the round's checkpoints and history (a :class:`~fadal.records.FederationHistory`,
+whose ``entry(round)`` is the round's :class:`~fadal.records.RoundEntry`)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fadal.config import FederationConfig
-from fadal.data.io import save_torch, write_json
+from fadal.data.io import read_record, save_torch, write_record
 from fadal.errors import FadalInputError
 from fadal.model.infer import read_checkpoint, save_checkpoint
-from fadal.records import Plan
+from fadal.records import FederationHistory, Plan
 
 
 def train_config_record(cfg: FederationConfig, labels: dict[str, int], plan: Plan) -> ConfigRecord:
@@ -46,8 +47,9 @@ def train_config_record(cfg: FederationConfig, labels: dict[str, int], plan: Pla
     })
 
 
-def resume_point(cfg: FederationConfig, labels: dict[str, int], model: torch.nn.Module) -> tuple[int, dict | None]:
-    """Last finished round of an earlier run in ``cfg.out`` (weights loaded into ``model``) and its history.
+def resume_point(cfg: FederationConfig, labels: dict[str, int], model: torch.nn.Module) -> tuple[int, FederationHistory]:
+    """Last finished round of an earlier run in ``cfg.out`` (weights loaded into ``model``) and its
+    history (round 0 and a new history when there is nothing to resume).
 
     ``global_model.pt`` is written last in each round, so its round is the one to continue from;
     history entries of later rounds (written just before a crash) are dropped and redone.
@@ -55,7 +57,7 @@ def resume_point(cfg: FederationConfig, labels: dict[str, int], model: torch.nn.
     out = Path(cfg.out)
     ckpt_path, hist_path = out / "global_model.pt", out / "history.json"
     if not (cfg.resume and ckpt_path.exists() and hist_path.exists()):
-        return 0, None
+        return 0, FederationHistory()
     ckpt = read_checkpoint(ckpt_path)
     try:
         if {k: int(v) for k, v in ckpt["labels"].items()} != labels:
@@ -65,8 +67,8 @@ def resume_point(cfg: FederationConfig, labels: dict[str, int], model: torch.nn.
         raise FadalInputError(f"{ckpt_path}: cannot resume this earlier run ({err}); use a new `out:` or "
                               "`resume: false`") from err
     done = int(ckpt["round"])
-    history = json.loads(hist_path.read_text())
-    history["rounds"] = [r for r in history.get("rounds", []) if r["round"] <= done]
+    history = read_record(FederationHistory, hist_path, "federation history")
+    history.rounds = [r for r in history.rounds if r.round <= done]
     return done, history
 
 
@@ -101,15 +103,6 @@ def load_strategy_state(strategy, path: Path, server_round: int) -> None:
         strategy.privacy.load_state_dict(state["privacy"])
 
 
-def history_entry(history: dict, server_round: int) -> dict:
-    """This round's history entry (the strategy records sites, loss and bytes in it)."""
-    for entry in history["rounds"]:
-        if entry["round"] == server_round:
-            return entry
-    history["rounds"].append({"round": server_round})
-    return history["rounds"][-1]
-
-
 def evaluate_round(strategy, grid: Grid, rnd: int, arrays: ArrayRecord, record: ConfigRecord, timeout: float) -> None:
     """Federated evaluation of the global model when ``strategy`` says it is due (Dice into the history)."""
     evaluate = list(strategy.configure_evaluate(rnd, arrays, record, grid))
@@ -117,11 +110,16 @@ def evaluate_round(strategy, grid: Grid, rnd: int, arrays: ArrayRecord, record: 
         strategy.aggregate_evaluate(rnd, grid.send_and_receive(evaluate, timeout=timeout))
 
 
-def save_round(model: torch.nn.Module, cfg: FederationConfig, plan: Plan, labels: dict[str, int], history: dict,
-               rnd: int, strategy) -> None:
+def save_round(model: torch.nn.Module, cfg: FederationConfig, plan: Plan, labels: dict[str, int],
+               history: FederationHistory, rnd: int, strategy) -> None:
     """Round checkpoint, history and server state; ``global_model.pt`` last (the round a restart continues from)."""
     out = Path(cfg.out)
     save_checkpoint(model, out / "checkpoints" / f"round_{rnd:03d}.pt", labels, plan, cfg.train, {"round": rnd})
-    write_json(history, out / "history.json")
+    write_history(history, out)
     save_strategy_state(strategy, out / "checkpoints" / "server_state.pt", rnd)
     save_checkpoint(model, out / "global_model.pt", labels, plan, cfg.train, {"round": rnd})
+
+
+def write_history(history: FederationHistory, out: Path) -> Path:
+    """``out/history.json`` (a field not recorded yet, e.g. Dice in a round without evaluation, is left out)."""
+    return write_record(history, Path(out) / "history.json", exclude_none=True)

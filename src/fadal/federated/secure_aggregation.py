@@ -51,13 +51,13 @@ from fadal.config import FederationConfig, SitePolicy
 from fadal.errors import FadalInputError
 from fadal.federated.planning import federation_plan
 from fadal.federated.policy import check_secagg_setup
-from fadal.federated.rounds import (evaluate_round, history_entry, load_strategy_state, resume_point, save_round,
+from fadal.federated.rounds import (evaluate_round, load_strategy_state, resume_point, save_round,
                                     train_config_record)
 from fadal.federated.site_task import SiteRuntime, admit, local_train, round_config, round_options
 from fadal.federated.strategies import build_strategy
 from fadal.model.engine import seed_everything
 from fadal.model.net import build_network
-from fadal.records import Plan
+from fadal.records import FederationHistory, Plan, RoundEntry
 
 
 
@@ -128,24 +128,24 @@ class SecureFedAvg(LegacyFedAvg):
     workflow puts the unmasked aggregate into each ``FitRes``), so averaging them changes nothing;
     it records the round's sites, failures, mean training loss and training seconds."""
 
-    def __init__(self, history: dict, **kwargs) -> None:
+    def __init__(self, history: FederationHistory, **kwargs) -> None:
         super().__init__(**kwargs)
         self.history = history
         self.last_sites: list[int] = []
 
     def aggregate_fit(self, server_round, results, failures):
         aggregated = super().aggregate_fit(server_round, results, failures)
-        entry = history_entry(self.history, server_round)
-        entry["sites"] = len(results)
-        entry["failures"] = len(failures)
+        entry = self.history.entry(server_round)
+        entry.sites = len(results)
+        entry.failures = len(failures)
         self.last_sites = [p.node_id for p, _ in results]
         if results:
             total = sum(r.num_examples for _, r in results)
-            entry["loss"] = sum(r.num_examples * float(r.metrics.get("train-loss", np.nan)) for _, r in results) / total
+            entry.loss = sum(r.num_examples * float(r.metrics.get("train-loss", np.nan)) for _, r in results) / total
             seconds = {str(p.node_id): float(r.metrics.get("train-seconds", 0.0)) for p, r in results}
-            entry["train_seconds_max"] = max(seconds.values())
-            entry["train_seconds_sum"] = sum(seconds.values())
-            entry["train_seconds_per_site"] = seconds
+            entry.train_seconds_max = max(seconds.values())
+            entry.train_seconds_sum = sum(seconds.values())
+            entry.train_seconds_per_site = seconds
         return aggregated
 
 
@@ -188,10 +188,10 @@ class MeteredGrid:
                 self._add(self.up, r.metadata.src_node_id, r)
         return replies
 
-    def take(self, entry: dict) -> None:
+    def take(self, entry: RoundEntry) -> None:
         """Move this round's counts into its history entry."""
-        entry.update(bytes_up=sum(self.up.values()), bytes_up_per_site=self.up,
-                     bytes_down=sum(self.down.values()), bytes_down_per_site=self.down)
+        entry.bytes_up, entry.bytes_up_per_site = sum(self.up.values()), self.up
+        entry.bytes_down, entry.bytes_down_per_site = sum(self.down.values()), self.down
         self.up, self.down = {}, {}
 
 
@@ -216,7 +216,7 @@ def _to_state(record: ArrayRecord, reference: dict[str, torch.Tensor]) -> dict[s
 
 
 def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, labels: dict[str, int],
-                          num_sites: int) -> dict:
+                          num_sites: int) -> FederationHistory:
     """Rounds up to ``cfg.rounds`` with SecAgg+ training; checkpoints, history and resume as
     :func:`fadal.federated.server_app.run_federation`. A round that SecAgg+ had to abandon (too few
     sites or shares) or that fewer than ``min_sites`` sites finished stops the run with an error."""
@@ -226,9 +226,8 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
     model = build_network(max(labels.values()) + 1, plan.network)
     min_sites = max(cfg.min_sites or num_sites, 2)
     done, history = resume_point(cfg, labels, model)
-    history = history or {"rounds": []}
-    history["config"] = cfg.model_dump(mode="json")
-    history["secure_aggregation"] = {"protocol": "SecAgg+ (Flower SecAggPlusWorkflow)",
+    history.config = cfg.model_dump(mode="json")
+    history.secure_aggregation = {"protocol": "SecAgg+ (Flower SecAggPlusWorkflow)",
                                      "num_shares": cfg.secagg_num_shares or "all sampled sites",
                                      "reconstruction_threshold": cfg.secagg_reconstruction_threshold or "2/3 of shares",
                                      "clipping_range": cfg.secagg_clipping_range, "max_weight": cfg.secagg_max_weight,
@@ -237,7 +236,7 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
     evaluator = build_strategy(cfg, min_sites, history, num_sites=num_sites, plan=plan)
     if done:
         load_strategy_state(evaluator, out / "checkpoints" / "server_state.pt", done)
-        history.setdefault("resumed_after", []).append(done)
+        history.resumed_after.append(done)
         log(INFO, "Resuming %s after round %s of %s (secure aggregation)", out, done, cfg.rounds)
     record = train_config_record(cfg, labels, plan)
     fit_config = {**dict(record), "secagg-clipping-range": float(cfg.secagg_clipping_range),
@@ -259,21 +258,21 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
             t0 = time.perf_counter()
             round_config[WorkflowKey.CURRENT_ROUND] = rnd
             workflow(metered, legacy)
-            entry = history_entry(history, rnd)
+            entry = history.entry(rnd)
             metered.take(entry)
-            if entry.get("sites", 0) < min_sites or "loss" not in entry:
+            if entry.sites is None or entry.sites < min_sites or entry.loss is None:
                 raise RuntimeError(f"round {rnd}: secure aggregation did not finish with min_sites={min_sites} sites "
-                                   f"({entry.get('sites', 0)} did; see the sites' logs); {out} holds round {rnd - 1}: "
+                                   f"({entry.sites or 0} did; see the sites' logs); {out} holds round {rnd - 1}: "
                                    "submit the run again to resume")
-            entry["sampled"] = entry["sites"] + entry["failures"]
+            entry.sampled = entry.sites + entry.failures
             if evaluator.privacy is not None:
-                entry["epsilon"] = evaluator.privacy.record(strategy.last_sites)
-                history["privacy"] = evaluator.privacy.summary()
+                entry.epsilon = evaluator.privacy.record(strategy.last_sites)
+                history.privacy = evaluator.privacy.summary()
             model.load_state_dict(_to_state(legacy.state.array_records[MAIN_PARAMS_RECORD], reference))
             # The unmasked mean comes back as float64: the next round sends the network's own dtypes.
             legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(model.state_dict())
             evaluate_round(evaluator, grid, rnd, ArrayRecord(model.state_dict()), record, cfg.round_timeout)
-            entry["seconds"] = time.perf_counter() - t0
+            entry.seconds = time.perf_counter() - t0
             save_round(model, cfg, plan, labels, history, rnd, evaluator)
     finally:
         stop.set()

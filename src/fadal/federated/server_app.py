@@ -19,16 +19,16 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fadal.config import FederationConfig
-from fadal.data.io import write_json
 from fadal.federated.planning import federation_plan
-from fadal.federated.rounds import (evaluate_round, history_entry, load_strategy_state, resume_point, save_round,
-                                    train_config_record)
+from fadal.federated.rounds import (evaluate_round, load_strategy_state, resume_point, save_round,
+                                    train_config_record, write_history)
+from fadal.records import FederationHistory
 from fadal.federated.strategies import build_strategy
 from fadal.model.engine import seed_everything
 from fadal.model.net import build_network
 
 
-def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], num_sites: int) -> dict:
+def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], num_sites: int) -> FederationHistory:
     """Run rounds up to ``cfg.rounds``, checkpointing after each; return the history.
 
     Flower's ``Strategy.start`` loop, written out so that it can start at a later round (resume)
@@ -42,13 +42,11 @@ def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], nu
     model = build_network(max(labels.values()) + 1, plan.network)
     min_sites = cfg.min_sites or num_sites
     done, history = resume_point(cfg, labels, model)
-    if history is None:
-        history = {"rounds": []}
-    history["config"] = cfg.model_dump(mode="json")
+    history.config = cfg.model_dump(mode="json")
     strategy = build_strategy(cfg, min_sites, history, num_sites=num_sites, plan=plan)
     if done:
         load_strategy_state(strategy, out / "checkpoints" / "server_state.pt", done)
-        history.setdefault("resumed_after", []).append(done)
+        history.resumed_after.append(done)
         log(INFO, "Resuming %s after round %s of %s", out, done, cfg.rounds)
     arrays = ArrayRecord(model.state_dict())
     record = train_config_record(cfg, labels, plan)
@@ -64,15 +62,15 @@ def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], nu
                                f"{min_sites}; {out} holds round {rnd - 1}: submit the run again to resume")
         aggregated, _ = strategy.aggregate_train(rnd, replies)
         arrays = aggregated if aggregated is not None else arrays
-        entry = history_entry(history, rnd)
-        entry["sampled"] = len(messages)
-        entry["failures"] = len(messages) - len(answered)  # errors and sites that never answered
+        entry = history.entry(rnd)
+        entry.sampled = len(messages)
+        entry.failures = len(messages) - len(answered)  # errors and sites that never answered
 
         evaluate_round(strategy, grid, rnd, arrays, record, cfg.round_timeout)
         model.load_state_dict(arrays.to_torch_state_dict())
-        entry["seconds"] = time.perf_counter() - t0
+        entry.seconds = time.perf_counter() - t0
         save_round(model, cfg, plan, labels, history, rnd, strategy)
-    write_json(history, out / "history.json")
+    write_history(history, out)
     return history
 
 
@@ -86,7 +84,8 @@ def build_server_app(cfg: FederationConfig, labels: dict[str, int], num_sites: i
     return app
 
 
-def _run(grid: Grid, context: Context, cfg: FederationConfig, labels: dict[str, int], num_sites: int) -> dict:
+def _run(grid: Grid, context: Context, cfg: FederationConfig, labels: dict[str, int], num_sites: int
+         ) -> FederationHistory:
     """The plain Message-API loop, or the SecAgg+ one when ``cfg.secure_aggregation``."""
     if cfg.secure_aggregation:
         from fadal.federated.secure_aggregation import run_secure_federation

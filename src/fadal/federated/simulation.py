@@ -6,7 +6,6 @@ receives arrays and scalar metrics, exactly as in a deployment.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,11 +13,13 @@ import torch
 from flwr.simulation import run_simulation
 
 from fadal.config import FederationConfig
-from fadal.errors import FadalInputError
+from fadal.data.io import read_record
 from fadal.data.site import parse_labels, read_dataset_json
+from fadal.errors import FadalInputError
 from fadal.federated.client_app import build_client_app
 from fadal.federated.site_task import SiteRuntime
 from fadal.federated.server_app import build_server_app
+from fadal.records import FederationHistory
 
 
 def federation_labels(cfg: FederationConfig) -> dict[str, int]:
@@ -37,7 +38,7 @@ def site_runtimes(cfg: FederationConfig) -> list[SiteRuntime]:
             for s in cfg.sites]
 
 
-def simulate(cfg: FederationConfig) -> dict:
+def simulate(cfg: FederationConfig) -> FederationHistory:
     """Run the federation in Flower's simulation engine; returns the per-round history."""
     if len(cfg.sites) < 1:
         raise FadalInputError("federation config lists no sites")
@@ -57,8 +58,8 @@ def simulate(cfg: FederationConfig) -> dict:
     run_simulation(server_app=build_server_app(cfg, labels, len(runtimes)),
                    client_app=build_client_app(runtimes), num_supernodes=len(runtimes), backend_config=backend)
     hist_path = out / "history.json"
-    history = json.loads(hist_path.read_text()) if hist_path.exists() else {"rounds": []}
-    done = [r for r in history["rounds"] if "loss" in r]
+    history = read_record(FederationHistory, hist_path, "federation history") if hist_path.exists() else FederationHistory()
+    done = [r for r in history.rounds if r.loss is not None]
     if len(done) < cfg.rounds:
         raise RuntimeError(f"federated run stopped after {len(done)}/{cfg.rounds} rounds; see the log above ({out})")
     return history

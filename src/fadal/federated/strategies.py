@@ -9,7 +9,8 @@
 Every strategy averages with weights ``num-examples``: the number of training volumes a site used,
 amplified ones included, so a site that amplified its few labels counts for what it trained on.
 
-:class:`RecordingMixin` appends one entry per round to ``history["rounds"]``: sites, failures, mean
+:class:`RecordingMixin` fills one :class:`~fadal.records.RoundEntry` per round of the run's
+:class:`~fadal.records.FederationHistory`: sites, failures, mean
 training loss, bytes down (what :meth:`configure_train` sent each site) and up (what each site
 sent, as it came over the wire), per-site training seconds, federated Dice and, with client-side
 differential privacy, the cumulative epsilon (accounted in :mod:`fadal.federated.privacy`). It also undoes a site's float16 transfer before
@@ -26,7 +27,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
 
 from fadal.config import FederationConfig
 from fadal.federated.privacy import SitePrivacy
-from fadal.records import Plan
+from fadal.records import FederationHistory, Plan
 
 
 def to_float32(record: ArrayRecord) -> ArrayRecord:
@@ -44,7 +45,7 @@ class RecordingMixin:
     expected back, and kept at their initial values in the global model the server checkpoints.
     """
 
-    def __init__(self, history: dict, evaluate_every: int = 1, num_rounds: int = 0,
+    def __init__(self, history: FederationHistory, evaluate_every: int = 1, num_rounds: int = 0,
                  local_keys: Sequence[str] = (), privacy: SitePrivacy | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.history = history
@@ -55,12 +56,6 @@ class RecordingMixin:
         self._global: ArrayRecord | None = None
 
     # -- helpers
-    def _entry(self, server_round: int) -> dict:
-        rounds = self.history.setdefault("rounds", [])
-        if not rounds or rounds[-1]["round"] != server_round:
-            rounds.append({"round": server_round})
-        return rounds[-1]
-
     def _shared(self, arrays: ArrayRecord) -> ArrayRecord:
         if not self.local_keys:
             return arrays
@@ -80,9 +75,9 @@ class RecordingMixin:
         self._global = arrays
         messages = list(super().configure_train(server_round, self._shared(arrays), config, grid))
         down = self._bytes_per_node(messages, lambda m: m.metadata.dst_node_id)
-        entry = self._entry(server_round)
-        entry["bytes_down"] = sum(down.values())
-        entry["bytes_down_per_site"] = down
+        entry = self.history.entry(server_round)
+        entry.bytes_down = sum(down.values())
+        entry.bytes_down_per_site = down
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config, grid):
@@ -102,26 +97,26 @@ class RecordingMixin:
         if arrays is not None and self.local_keys and self._global is not None:
             merged = {k: (arrays[k] if k in arrays else a) for k, a in self._global.items()}
             arrays = ArrayRecord(merged)
-        entry = self._entry(server_round)
-        entry["sites"] = len(ok)
-        entry["failures"] = len(replies) - len(ok)
-        entry["bytes_up"] = sum(up.values())
-        entry["bytes_up_per_site"] = up
-        entry["transfer_dtypes"] = dtypes
+        entry = self.history.entry(server_round)
+        entry.sites = len(ok)
+        entry.failures = len(replies) - len(ok)
+        entry.bytes_up = sum(up.values())
+        entry.bytes_up_per_site = up
+        entry.transfer_dtypes = dtypes
         seconds = {str(m.metadata.src_node_id): float(m.content["metrics"].get("train-seconds", 0.0)) for m in ok}
         client = {str(m.metadata.src_node_id): float(m.content["metrics"].get("client-seconds", 0.0)) for m in ok}
         if metrics is not None:
-            entry["loss"] = float(metrics.get("train-loss", float("nan")))
-            entry["train_seconds_max"] = max(seconds.values(), default=0.0)
-            entry["train_seconds_sum"] = sum(seconds.values())
-            entry["train_seconds_per_site"] = seconds
-            entry["client_seconds_sum"] = sum(client.values())
-            entry["client_seconds_per_site"] = client
-            entry["startup_seconds_per_site"] = {str(m.metadata.src_node_id): float(
+            entry.loss = float(metrics.get("train-loss", float("nan")))
+            entry.train_seconds_max = max(seconds.values(), default=0.0)
+            entry.train_seconds_sum = sum(seconds.values())
+            entry.train_seconds_per_site = seconds
+            entry.client_seconds_sum = sum(client.values())
+            entry.client_seconds_per_site = client
+            entry.startup_seconds_per_site = {str(m.metadata.src_node_id): float(
                 m.content["metrics"].get("startup-seconds", 0.0)) for m in ok}
         if self.privacy is not None:
-            entry["epsilon"] = self.privacy.record(m.metadata.src_node_id for m in ok)
-            self.history["privacy"] = self.privacy.summary()
+            entry.epsilon = self.privacy.record(m.metadata.src_node_id for m in ok)
+            self.history.privacy = self.privacy.summary()
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -144,9 +139,9 @@ class RecordingMixin:
                 sums[k] = sums.get(k, 0.0) + w * float(v)
                 weights[k] = weights.get(k, 0.0) + w
         metrics = MetricRecord({k: sums[k] / weights[k] for k in sums if weights[k] > 0})
-        entry = self._entry(server_round)
-        entry["dice"] = {k[len("dice-"):]: float(v) for k, v in metrics.items() if k.startswith("dice-")}
-        entry["eval_sites"] = len(ok)
+        entry = self.history.entry(server_round)
+        entry.dice = {k[len("dice-"):]: float(v) for k, v in metrics.items() if k.startswith("dice-")}
+        entry.eval_sites = len(ok)
         return metrics
 
 
@@ -177,7 +172,7 @@ def local_state_keys(cfg: FederationConfig, plan: Plan | None) -> list[str]:
     return keys
 
 
-def build_strategy(cfg: FederationConfig, min_sites: int, history: dict, num_sites: int | None = None,
+def build_strategy(cfg: FederationConfig, min_sites: int, history: FederationHistory, num_sites: int | None = None,
                    plan: Plan | None = None) -> FedAvg:
     """The configured strategy; ``plan`` (default ``cfg.plan``) fixes the network FedBN keeps layers of."""
     common = dict(

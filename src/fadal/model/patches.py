@@ -26,46 +26,51 @@ from monai.transforms import (Compose, MapTransform, RandAdjustContrastd, RandAf
 from monai.utils import convert_to_tensor
 
 from fadal.config import AugmentConfig
-from fadal.records import Plan, PreprocessConfig
-from fadal.data.io import make_private, private_dir
+from fadal.data.io import make_private, private_dir, read_record
 from fadal.data.preprocess import training_item, training_transforms
 from fadal.data.site import Site
+from fadal.errors import FadalInputError
+from fadal.records import AnyProvenance, FusionProvenance, Plan, PreprocessConfig, Provenance, SelfTrainProvenance
 
 #: Voxel positions kept per organ and volume for foreground sampling (bounded memory).
 MAX_INDICES_PER_ORGAN = 20_000
 
 
 def site_training_items(site: Site, amplified: Path | None = None, use_amplified: bool = False) -> list[dict]:
-    """Real labels always; amplified pseudo-labels (with their confidence maps) when asked for."""
+    """Real labels always; amplified pseudo-labels (with their confidence maps) when asked for: a scan's
+    pseudo-label counts when its label file and provenance exist and QC accepted it, with only the
+    organs its provenance says were fused (the others stay unknown)."""
     items = [training_item(c.image, c.label, site.annotated_ids(c)) for c in site.labeled]
     if use_amplified and amplified is not None:
         for case in site.unlabeled:
             label = amplified / "labels" / f"{case.case_id}.nii.gz"
             conf = amplified / "confidence" / f"{case.case_id}.nii.gz"
-            prov = amplified / "provenance" / f"{case.case_id}.json"
-            if label.exists() and prov.exists() and provenance_qc_accepted(prov):
-                known = amplified_known(prov, site)
-                items.append(training_item(case.image, label, known, conf if conf.exists() else None))
+            prov_path = amplified / "provenance" / f"{case.case_id}.json"
+            if not (label.exists() and prov_path.exists()):
+                continue
+            prov = read_provenance(prov_path)
+            if provenance_qc_accepted(prov):
+                items.append(training_item(case.image, label, amplified_known(prov, site), conf if conf.exists() else None))
     return items
 
 
-def provenance_qc_accepted(provenance: Path | dict) -> bool:
-    """The QC decision of a provenance sidecar as the amplification and self-training stages write it:
-    ``"status": "rejected"`` or ``"qc": {"accepted": false, ...}`` rejects; no QC recorded accepts."""
-    prov = json.loads(Path(provenance).read_text()) if not isinstance(provenance, dict) else provenance
-    if prov.get("status") == "rejected":
-        return False
-    qc = prov.get("qc")
-    return True if qc is None else bool(qc["accepted"])
+def read_provenance(path: Path) -> FusionProvenance | SelfTrainProvenance:
+    """A pseudo-label sidecar of either stage (amplification or self-training); a malformed one is an
+    error naming the file."""
+    return read_record(AnyProvenance, path, "provenance")
 
 
-def amplified_known(provenance: Path, site: Site) -> list[int]:
-    """Organs the fusion actually produced (an organ no atlas drew stays unknown)."""
-    prov = json.loads(provenance.read_text())
-    fused = prov.get("organs_fused")
-    if fused is None:
-        return [v for v in site.labels.values() if v != 0]
-    return [site.labels[o] if isinstance(o, str) else int(o) for o in fused]
+def provenance_qc_accepted(provenance: Provenance) -> bool:
+    """The QC decision of a provenance sidecar (both stages write ``status`` from their QC verdict)."""
+    return provenance.accepted
+
+
+def amplified_known(provenance: Provenance, site: Site) -> list[int]:
+    """Organs the fusion actually produced and QC kept (an organ no atlas drew stays unknown)."""
+    unknown = [o for o in provenance.organs_fused if o not in site.labels]
+    if unknown:
+        raise FadalInputError(f"provenance of {provenance.case}: organs {unknown} are not in {site.root}/dataset.json")
+    return [site.labels[o] for o in provenance.organs_fused]
 
 
 def with_version(item: dict, pre: PreprocessConfig) -> dict:
