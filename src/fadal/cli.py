@@ -315,7 +315,18 @@ def report(run_dir: Path = typer.Argument(..., help="A folder with metrics.json 
     metrics = load_json(run_dir / "metrics.json")
     if metrics is None:
         _fail(FadalInputError(f"{run_dir}: no metrics.json (run `fadal evaluate` first)"))
-    paths = write_report(run_dir, metrics, history=load_json(run_dir / "history.json"))
+    history = load_json(run_dir / "history.json")
+    if history is not None and "schema_version" in history:  # a federation's out: (records.FederationHistory)
+        from fadal.data.io import read_record
+        from fadal.records import FederationHistory
+
+        try:
+            federation = read_record(FederationHistory, run_dir / "history.json", "federation history")
+        except FadalInputError as err:
+            _fail(err)
+        strategy = (federation.config or {}).get("strategy", "fedavg")
+        history = {f"federated ({strategy})": federation.report_rounds()}
+    paths = write_report(run_dir, metrics, history=history)  # else: {variant: rounds}, as the demo writes it
     console.print(f"report: {paths['html']}")
 
 

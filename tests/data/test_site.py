@@ -110,6 +110,20 @@ def test_error_unreadable_file(tiny_site):
     _expect(tiny_site, "case_001_0000.nii.gz", "unreadable")
 
 
+def test_error_truncated_file(tiny_site):
+    """A half-copied .nii.gz (or .nii) reads in ITK as a volume whose missing part is zeros: refused."""
+    path = tiny_site / "imagesTr" / "case_002_0000.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    _expect(tiny_site, "case_002_0000.nii.gz", "truncated")
+    raw = tiny_site / "imagesTr" / "case_002_0000.nii"
+    path.unlink()
+    img, _ = make_volume(seed=2)
+    sitk.WriteImage(img, str(raw))
+    raw.write_bytes(raw.read_bytes()[:-100])
+    _expect(tiny_site, "case_002_0000.nii", "truncated file")
+
+
 def test_error_missing_annotated_organ(tiny_site):
     lab = read_image(tiny_site / "labelsTr" / "case_000.nii.gz")
     arr = sitk.GetArrayFromImage(lab)
@@ -141,3 +155,18 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         write_image(img, target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cases_json_split_decides_a_training_case_role(tiny_site):
+    """THE rule (data.site.training_role), for every stage: split "unlabeled" makes a scan unlabeled even
+    with a label file; "test" holds a labeled scan out; a split that needs a label without one is an error."""
+    json.dump({"case_001": {"split": "unlabeled"}, "case_000": {"split": "test"}}, open(tiny_site / "cases.json", "w"))
+    site = load_site(tiny_site)
+    assert site.labeled == []
+    assert [(c.case_id, c.label, c.annotated) for c in site.unlabeled] == [("case_001", None, []), ("case_002", None, [])]
+    assert [c.case_id for c in site.test] == ["case_000", "case_003"]
+    for split in ("test", "labeled", "train"):
+        json.dump({"case_002": {"split": split}}, open(tiny_site / "cases.json", "w"))
+        _expect(tiny_site, "cases.json", "case_002", f"split '{split}'", "no label file")
+    (tiny_site / "cases.json").write_text('{"case_002": ')
+    _expect(tiny_site, "cases.json", "not valid JSON")

@@ -31,3 +31,21 @@ def test_deployment_report_uses_the_last_federated_evaluation(tmp_path):
     assert federation_report(cfg.model_copy(update={"out": tmp_path / "none"}),
                              FederationHistory(rounds=[_round(1, None)]), evaluate_sites=False) is None
     assert not (tmp_path / "none" / "report.html").exists()
+
+
+def test_fadal_report_rebuilds_a_federation_report_from_its_history(tmp_path):
+    from typer.testing import CliRunner
+
+    from fadal.cli import app
+    from fadal.data.io import write_record
+
+    run = tmp_path / "run"
+    cfg = FederationConfig(sites=[SiteSpec(name="a", data=tmp_path / "nowhere_a"),
+                                  SiteSpec(name="b", data=tmp_path / "nowhere_b")], out=run, strategy="fedprox")
+    history = FederationHistory(rounds=[_round(1, {"mean": 0.4}), _round(2, {"mean": 0.6})], config=cfg.model_dump(mode="json"))
+    federation_report(cfg, history, evaluate_sites=False)
+    write_record(history, run / "history.json", exclude_none=True)
+    (run / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "| federated (fedprox) | 2 |" in (run / "report.md").read_text()
