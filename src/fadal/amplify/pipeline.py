@@ -9,7 +9,7 @@ Outputs (``out_dir``)::
                                 failed / not_selected), reason, similarity before / after initialisation /
                                 after registration, body Dice; QC (per-organ measures and flags);
                                 ``organs_fused`` = the organs training may trust (fused and accepted by QC)
-    registrations/              cache of warped atlas labels and scans, keyed by content (see register.py)
+    registrations/              cache of warped atlas labels and scans, keyed by content (see cache.py)
     registration_model/         registration.method "learned": the site's network, keyed by its scans (learned.py)
     amplification.json          a :class:`fadal.records.AmplificationSummary` of the site
 
