@@ -74,39 +74,39 @@ def run_simulation(cfg, out: Path) -> dict:
 
 
 def run_deployment(cfg, views: dict[str, Path], out: Path) -> dict:
-    from fadal.federated import deploy
+    from fadal.federated import certificates, flower_cli, processes
 
     root = out.parent / "deployment_processes"
     root.mkdir(parents=True, exist_ok=True)
     names = [f"site_{s}" for s in views]
-    certs = deploy.make_certificates(root / "certs", names, server_host="127.0.0.1")
+    certs = certificates.make_certificates(root / "certs", names, server_host="127.0.0.1")
     port = _free_port()
     link_home, coord_home = root / "flwr-superlink", root / "flwr-coordinator"
     started = []
     try:
         t_start = time.perf_counter()
-        link = deploy.start_superlink(certs["coordinator"], port, root / f"superlink_{port}.db", link_home,
+        link = processes.start_superlink(certs["coordinator"], port, root / f"superlink_{port}.db", link_home,
                                       host="127.0.0.1", log=root / "superlink.log")
         started.append(link)
-        deploy.wait_for_port("127.0.0.1", port, link, timeout=120)
-        deploy.write_connection(link_home, f"127.0.0.1:{port}", certs["ca_cert"])
-        deploy.register_supernodes(certs["coordinator"], link_home)
+        processes.wait_for_port("127.0.0.1", port, link, timeout=120)
+        flower_cli.write_connection(link_home, f"127.0.0.1:{port}", certs["ca_cert"])
+        flower_cli.register_supernodes(certs["coordinator"], link_home)
         for name, (site, data) in zip(names, views.items()):
-            started.append(deploy.start_supernode(certs["sites"][name], f"127.0.0.1:{port}", data, name, _free_port(),
+            started.append(processes.start_supernode(certs["sites"][name], f"127.0.0.1:{port}", data, name, _free_port(),
                                                   root / f"flwr-{name}", cache_dir=root / "cache" / name,
                                                   log=root / f"{name}.log"))
         t_up = time.perf_counter() - t_start
-        deploy.write_connection(coord_home, f"127.0.0.1:{port}", certs["ca_cert"])
+        flower_cli.write_connection(coord_home, f"127.0.0.1:{port}", certs["ca_cert"])
         config = root / "fl.yaml"
         config.write_text(yaml.safe_dump(cfg.model_copy(update={"out": out}).model_dump(mode="json")))
         t0 = time.perf_counter()
-        result = deploy.submit_run(deploy.write_app(coord_home / "app"), deploy.CONNECTION, config, coord_home,
+        result = flower_cli.submit_run(flower_cli.write_app(coord_home / "app"), flower_cli.CONNECTION, config, coord_home,
                                    timeout=7200)
         wall = time.perf_counter() - t0
         if not result["ok"]:
             raise RuntimeError(f"deployment run ended {result['status']}; logs in {root}")
     finally:
-        deploy.stop(started)
+        processes.stop(started)
     from fadal.data.io import read_record
     from fadal.records import FederationHistory
 

@@ -155,7 +155,7 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
 
     from fadal.data.site import load_site
     from fadal.model.infer import load_checkpoint
-    from fadal.pipeline import train_centralised
+    from fadal.model.centralised import train_centralised
     from fadal.plan.planner import plan_for_sites
 
     if settings.threads:

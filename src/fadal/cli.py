@@ -1,7 +1,9 @@
-"""`fadal`: the command line. Each command wires stages from :mod:`fadal.pipeline` together."""
+"""`fadal`: the command line. Each command wires stages together (data, plan, amplify, model, federated, evaluate,
+navigation); the deployment roles are the sub-app in cli_deploy.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,12 +15,15 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from fadal.cli_deploy import deploy_app, flower_home, party_certs
+from fadal.cli_deploy import deploy_app, submit_federation
 from fadal.errors import FadalInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="FADAL: federated few-label 3D CT organ segmentation (amplify labels at each site, "
                        "train one model across sites with Flower, evaluate and export).")
+# The deployment roles (certs, server, site): a typer sub-app added without a group name, so that they stay
+# `fadal certs`, `fadal server`, `fadal site`.
+app.add_typer(deploy_app)
 console = Console()
 
 
@@ -57,6 +62,10 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 @app.command()
 def phantom(
     out: Path = typer.Option(Path("phantom"), help="Folder to write site_A, site_B, ... into."),
@@ -85,8 +94,8 @@ def amplify(
     """Turn each site's few labels into many: register atlases onto unlabeled scans and fuse labels.
 
     Resumable: finished registrations and cases are not redone on a re-run."""
+    from fadal.amplify.pipeline import amplify_sites
     from fadal.config import AmplifyConfig, load_yaml
-    from fadal.pipeline import amplify_sites
 
     try:
         cfg = load_yaml(AmplifyConfig, config) if config else AmplifyConfig()
@@ -142,8 +151,8 @@ def train(
 ) -> None:
     """Train one model on one site's data (local) or several sites pooled (centralised upper bound)."""
     from fadal.config import SiteSpec, TrainRunConfig, load_yaml
+    from fadal.model.centralised import train_centralised
     from fadal.records import Plan
-    from fadal.pipeline import train_centralised
 
     try:
         cfg = load_yaml(TrainRunConfig, config) if config else TrainRunConfig()
@@ -188,15 +197,27 @@ def federate(
     """Train one model across sites with Flower (simulation engine on this machine, or --deployment).
 
     Each site's ClientApp reads only its own folder; only model arrays and scalar metrics travel."""
-    from fadal.config import FederationConfig, load_yaml
-    from fadal.pipeline import federate as run
-
     if deployment:
-        _federate_deployment(config, server, certs, home)
+        from fadal.data.io import read_record
+        from fadal.records import FederationHistory
+
+        cfg = submit_federation(config, server, certs, home)
+        hist_path = Path(cfg.out) / "history.json"
+        if hist_path.exists():
+            try:
+                history = read_record(FederationHistory, hist_path, "federation history")
+            except FadalInputError as err:
+                _fail(err)
+            _print_history(history.rounds)
+            _federation_report(cfg, history, evaluate_sites=False)  # the coordinator holds no images
+        console.print(f"global model: {cfg.out / 'global_model.pt'}; checkpoints in {cfg.out / 'checkpoints'}")
         return
+    from fadal.config import FederationConfig, load_yaml
+    from fadal.federated.simulation import simulate
+
     try:
         cfg = load_yaml(FederationConfig, config)
-        history = run(cfg)
+        history = simulate(cfg)
         _print_history(history.rounds)
         _federation_report(cfg, history, evaluate_sites=True)
     except FadalInputError as err:
@@ -205,7 +226,7 @@ def federate(
 
 
 def _federation_report(cfg, history, evaluate_sites: bool) -> None:
-    from fadal.pipeline import federation_report
+    from fadal.evaluate.federation import federation_report
 
     paths = federation_report(cfg, history, evaluate_sites=evaluate_sites)
     if paths is None:
@@ -243,7 +264,7 @@ def predict(
     Label maps are written on each input's exact voxel grid. A folder run skips finished cases."""
     from fadal.data.io import check_readable
     from fadal.model.infer import load_checkpoint
-    from fadal.pipeline import ExportOptions, predict_case
+    from fadal.navigation.predict import ExportOptions, predict_case
 
     options = ExportOptions(largest_component=largest_component, fill_holes=fill_holes, meshes=meshes,
                             views=views, dicom_seg=dicom_seg)
@@ -293,14 +314,16 @@ def evaluate(
     name: str = typer.Option("model", help="Name of this model in tables."),
 ) -> None:
     """Dice, HD95 and surface Dice per organ per site; writes metrics.json and an HTML/Markdown report."""
-    from fadal.pipeline import evaluate_checkpoint, load_json, metrics_document, write_run_report
+    from fadal.evaluate.evaluate import evaluate_checkpoint
+    from fadal.evaluate.metrics_document import metrics_document
+    from fadal.evaluate.report import write_run_report
 
     try:
         results = evaluate_checkpoint(model, site, out)
     except FadalInputError as err:
         _fail(err)
     doc = metrics_document({name: results})
-    history = load_json(model.parent / "history.json")
+    history = _load_json(model.parent / "history.json")
     paths = write_run_report(out, doc, history={name: history["rounds"]} if history else None)
     _print_comparison(doc)
     console.print(f"report: {paths['html']}")
@@ -310,12 +333,11 @@ def evaluate(
 def report(run_dir: Path = typer.Argument(..., help="A folder with metrics.json (and optionally history.json).")) -> None:
     """(Re)build report.html / report.md from a run folder's metrics."""
     from fadal.evaluate.report import write_report
-    from fadal.pipeline import load_json
 
-    metrics = load_json(run_dir / "metrics.json")
+    metrics = _load_json(run_dir / "metrics.json")
     if metrics is None:
         _fail(FadalInputError(f"{run_dir}: no metrics.json (run `fadal evaluate` first)"))
-    history = load_json(run_dir / "history.json")
+    history = _load_json(run_dir / "history.json")
     if history is not None and "schema_version" in history:  # a federation's out: (records.FederationHistory)
         from fadal.data.io import read_record
         from fadal.records import FederationHistory
@@ -331,7 +353,7 @@ def report(run_dir: Path = typer.Argument(..., help="A folder with metrics.json 
 
 
 def _print_comparison(metrics: dict, title: str = "Dice per site and organ") -> None:
-    from fadal.evaluate.report import comparison_table
+    from fadal.evaluate.tables import comparison_table
 
     rows = comparison_table(metrics, "dice")
     table = Table(title=title)
@@ -352,7 +374,7 @@ def demo(
     from dataclasses import replace
 
     from fadal.demo import QUICK, DemoSettings, run_demo
-    from fadal.pipeline import device_summary
+    from fadal.model.net import device_summary
 
     settings = QUICK if quick else DemoSettings()
     if rounds:
@@ -369,45 +391,6 @@ def demo(
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     app()
-
-
-# The deployment roles (certs, server, site) live in cli_deploy.py; they are `fadal` commands too.
-app.registered_commands.extend(deploy_app.registered_commands)
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Running across hospitals: Flower's deployment engine (see fadal.federated.deploy and the README)
-# --------------------------------------------------------------------------------------------------
-
-def _federate_deployment(config: Path, server: Optional[str], certs: Optional[Path], home: Optional[Path]) -> None:
-    from fadal.config import FederationConfig, load_yaml
-    from fadal.federated import deploy
-    from fadal.data.io import read_record
-    from fadal.records import FederationHistory
-
-    if not server or not certs:
-        _fail(FadalInputError("--deployment needs --server HOST:PORT and --certs DIR (the coordinator's folder)"))
-    flwr_home = flower_home(home, "coordinator")
-    try:
-        cfg = load_yaml(FederationConfig, config)
-        deploy.write_connection(flwr_home, server, party_certs(certs, deploy.COORDINATOR) / "ca.crt")
-        result = deploy.submit_run(deploy.write_app(flwr_home / "app"), deploy.CONNECTION, config, flwr_home,
-                                   echo=lambda line: console.print(line, markup=False, highlight=False))
-    except (FadalInputError, RuntimeError) as err:
-        _fail(err)
-    if not result["ok"]:
-        _fail(RuntimeError(f"run {result['run_id']} ended {result['status']} ({result.get('status-details')}); "
-                           f"{cfg.out} keeps the last finished round: run the same command again to resume"))
-    hist_path = Path(cfg.out) / "history.json"
-    if hist_path.exists():
-        try:
-            history = read_record(FederationHistory, hist_path, "federation history")
-        except FadalInputError as err:
-            _fail(err)
-        _print_history(history.rounds)
-        _federation_report(cfg, history, evaluate_sites=False)  # the coordinator holds no images
-    console.print(f"global model: {cfg.out / 'global_model.pt'}; checkpoints in {cfg.out / 'checkpoints'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,17 +1,24 @@
 """`fadal certs`, `fadal server`, `fadal site`: the deployment roles (Flower's deployment engine across
-hospitals; see fadal.federated.deploy and the README). Registered on the `fadal` command by cli.py."""
+hospitals; see fadal.federated.certificates, processes, flower_cli and the README).
+
+A typer sub-app: cli.py adds it to `fadal` without a group name, so the roles stay `fadal certs` etc."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 
 from fadal.errors import FadalInputError
 
+if TYPE_CHECKING:
+    from fadal.config import FederationConfig
+
 deploy_app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+#: Where `fadal --help` lists the roles.
+PANEL = "Deployment across hospitals"
 console = Console()
 
 
@@ -35,8 +42,7 @@ def local_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-
-@deploy_app.command()
+@deploy_app.command(rich_help_panel=PANEL)
 def certs(
     sites: str = typer.Option(..., help="Comma-separated hospital names, e.g. site_A,site_B,site_C (also their "
                               "SuperNode names)."),
@@ -48,7 +54,7 @@ def certs(
     """Make the federation's keys: a CA, the SuperLink's TLS certificate, one SuperNode key pair per hospital.
 
     Re-run with more sites to add hospitals: the CA and the existing site keys are kept."""
-    from fadal.federated.deploy import make_certificates
+    from fadal.federated.certificates import make_certificates
 
     try:
         made = make_certificates(out, [s.strip() for s in sites.split(",") if s.strip()], server_host)
@@ -59,7 +65,7 @@ def certs(
         console.print(f"{folder}: give to {name} only (supernode.key: secret)")
 
 
-@deploy_app.command()
+@deploy_app.command(rich_help_panel=PANEL)
 def server(
     certs: Path = typer.Option(..., help="The coordinator's folder from `fadal certs` (ca.crt, server.crt, "
                                "server.key, supernodes/*.pub)."),
@@ -73,23 +79,25 @@ def server(
     """Run the coordinator's Flower SuperLink in the foreground (TLS; only registered hospitals may connect).
 
     Registers every key in CERTS/supernodes/ at start. Ctrl-C stops it."""
-    from fadal.federated import deploy
+    from fadal.federated.certificates import COORDINATOR
+    from fadal.federated.flower_cli import register_supernodes, write_connection
+    from fadal.federated.processes import start_superlink, stop, wait_for_port, wait_foreground
 
-    folder = party_certs(certs, deploy.COORDINATOR)
+    folder = party_certs(certs, COORDINATOR)
     flwr_home = flower_home(home, "server")
-    proc = deploy.start_superlink(folder, port, database, flwr_home, host=host)
+    proc = start_superlink(folder, port, database, flwr_home, host=host)
     try:
-        deploy.wait_for_port(host, port, proc)
-        deploy.write_connection(flwr_home, local_address(host, port), folder / "ca.crt")
-        registered = deploy.register_supernodes(folder, flwr_home)
+        wait_for_port(host, port, proc)
+        write_connection(flwr_home, local_address(host, port), folder / "ca.crt")
+        registered = register_supernodes(folder, flwr_home)
     except (RuntimeError, TimeoutError, OSError) as err:
-        deploy.stop([proc])
+        stop([proc])
         fail(err)
     console.print(f"SuperLink on {host}:{port}; sites allowed: {', '.join(registered) or 'none'}; Ctrl-C stops it")
-    raise typer.Exit(deploy.wait_foreground([proc]) or 0)
+    raise typer.Exit(wait_foreground([proc]) or 0)
 
 
-@deploy_app.command()
+@deploy_app.command(rich_help_panel=PANEL)
 def site(
     data: Path = typer.Option(..., help="This hospital's site folder (nnU-Net v2 / MSD layout): the only data "
                               "the ClientApp reads."),
@@ -114,7 +122,7 @@ def site(
 
     from fadal.config import SitePolicy, load_yaml
     from fadal.data.site import load_site
-    from fadal.federated import deploy
+    from fadal.federated.processes import start_supernode, wait_foreground
 
     try:
         found = load_site(data, name=name, validate=False)
@@ -127,13 +135,39 @@ def site(
     flwr_home = flower_home(home, f"site-{name}")
     while True:
         try:
-            proc = deploy.start_supernode(party_certs(certs, name), server, data, name, port, flwr_home,
-                                          cache_dir=cache, amplified=amplified, policy=policy)
+            proc = start_supernode(party_certs(certs, name), server, data, name, port, flwr_home,
+                                   cache_dir=cache, amplified=amplified, policy=policy)
         except FadalInputError as err:
             fail(err)
-        code = deploy.wait_foreground([proc])
+        code = wait_foreground([proc])
         if code in (None, 0) or restart_after <= 0:
             raise typer.Exit(code or 0)
         # e.g. the SuperLink still counts a crashed predecessor as online for up to a minute.
         console.print(f"SuperNode exited with code {code}; restarting in {restart_after:.0f} s (Ctrl-C stops)")
         time.sleep(restart_after)
+
+
+def submit_federation(config: Path, server: Optional[str], certs: Optional[Path],
+                      home: Optional[Path]) -> FederationConfig:
+    """`fadal federate --deployment`: submit the federation YAML to the SuperLink and wait for the run.
+
+    Returns the run's FederationConfig once the run completed; a run that failed or could not start is an
+    error (exit 2) saying that the output folder keeps the last finished round."""
+    from fadal.config import FederationConfig, load_yaml
+    from fadal.federated.certificates import COORDINATOR
+    from fadal.federated.flower_cli import CONNECTION, submit_run, write_app, write_connection
+
+    if not server or not certs:
+        fail(FadalInputError("--deployment needs --server HOST:PORT and --certs DIR (the coordinator's folder)"))
+    flwr_home = flower_home(home, "coordinator")
+    try:
+        cfg = load_yaml(FederationConfig, config)
+        write_connection(flwr_home, server, party_certs(certs, COORDINATOR) / "ca.crt")
+        result = submit_run(write_app(flwr_home / "app"), CONNECTION, config, flwr_home,
+                            echo=lambda line: console.print(line, markup=False, highlight=False))
+    except (FadalInputError, RuntimeError) as err:
+        fail(err)
+    if not result["ok"]:
+        fail(RuntimeError(f"run {result['run_id']} ended {result['status']} ({result.get('status-details')}); "
+                          f"{cfg.out} keeps the last finished round: run the same command again to resume"))
+    return cfg

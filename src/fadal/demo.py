@@ -23,7 +23,11 @@ from fadal.data.site import load_site
 from fadal.plan.planner import plan_for_sites
 from fadal.data.io import write_json
 from fadal.data.phantom import make_phantom
-from fadal.pipeline import amplify_sites, evaluate_checkpoint, federate, metrics_document, train_centralised, write_run_report
+from fadal.amplify.pipeline import amplify_sites
+from fadal.evaluate.evaluate import evaluate_checkpoint
+from fadal.evaluate.metrics_document import metrics_document
+from fadal.evaluate.report import write_run_report
+from fadal.model.centralised import train_centralised
 from fadal.records import AmplificationSummary
 
 
@@ -97,6 +101,8 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
         log(f"local {site.name}: {steps} steps")
     stage("local")
 
+    from fadal.federated.simulation import simulate  # Flower's simulation engine (Ray): imported once needed
+
     histories = {}
     for variant, use_amp in (("federated", False), ("federated+amplified", True)):
         cfg = FederationConfig(
@@ -104,7 +110,7 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
             rounds=settings.rounds, local_steps=settings.local_steps, train=train_cfg, plan=plan,
             out=out / variant.replace("+", "_"), evaluate_every=settings.evaluate_every,
         )
-        histories[variant] = federate(cfg).report_rounds()
+        histories[variant] = simulate(cfg).report_rounds()
         metrics[variant] = evaluate_checkpoint(cfg.out / "global_model.pt", sites)
         stage(variant)
 
@@ -125,7 +131,7 @@ def _navigation_example(out: Path, site: Path, checkpoint: Path) -> tuple[list[t
     from fadal.model.infer import load_checkpoint
     from fadal.navigation.meshes import organ_meshes
     from fadal.navigation.viewer import viewer_html
-    from fadal.pipeline import predict_case
+    from fadal.navigation.predict import predict_case
     from fadal.data.io import read_image
 
     model, labels, plan, _ = load_checkpoint(checkpoint)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fadal.errors import FadalInputError
-from fadal.evaluate.report import comparison_table, write_report
+from fadal.evaluate.report import write_report
+from fadal.evaluate.tables import comparison_table
 
 METRICS = {
     "variants": {

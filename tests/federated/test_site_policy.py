@@ -167,11 +167,11 @@ def test_fadal_site_hands_its_policy_to_every_clientapp(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from fadal.cli import app
-    from fadal.federated import deploy
+    from fadal.federated import processes
 
     started: list[list[str]] = []
-    monkeypatch.setattr(deploy.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or object())
-    monkeypatch.setattr(deploy, "wait_foreground", lambda procs: 0)
+    monkeypatch.setattr(processes.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or object())
+    monkeypatch.setattr(processes, "wait_foreground", lambda procs: 0)
     site = write_site(tmp_path / "site", n_labeled=1, n_unlabeled=0, n_test=0)
     policy = tmp_path / "site_policy.yaml"
     policy.write_text("dp_required: true\n")

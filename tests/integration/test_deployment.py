@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from typer.testing import CliRunner
 
-from fadal.federated import deploy
+from fadal.federated import certificates, flower_cli, processes
 from fadal_testing import tiny_plan
 
 try:
@@ -65,33 +65,33 @@ class Federation:
         from fadal.data.phantom import make_phantom
 
         self.root = root
-        self.certs = deploy.make_certificates(root / "certs", SITES, server_host="127.0.0.1")
+        self.certs = certificates.make_certificates(root / "certs", SITES, server_host="127.0.0.1")
         self.data = dict(zip(SITES, make_phantom(root / "data", sites=3, labeled=1, unlabeled=0, test=1)))
         self.port = free_port()
         self.node_ports = {name: free_port() for name in SITES}
         self.link_home, self.coordinator_home = root / "flwr-superlink", root / "flwr-coordinator"
-        deploy.write_connection(self.coordinator_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"])
-        self.app = deploy.write_app(self.coordinator_home / "app")
+        flower_cli.write_connection(self.coordinator_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"])
+        self.app = flower_cli.write_app(self.coordinator_home / "app")
         self.link = None
         self.nodes: dict[str, object] = {}
         self.started: list = []  # every Popen
-        self.descendants: set[deploy.ProcessId] = set()  # what those started (ServerApp, ClientApps, ...)
+        self.descendants: set[processes.ProcessId] = set()  # what those started (ServerApp, ClientApps, ...)
 
     # -- processes
     def start_link(self) -> None:
-        self.link = deploy.start_superlink(self.certs["coordinator"], self.port, self.root / "superlink.db",
+        self.link = processes.start_superlink(self.certs["coordinator"], self.port, self.root / "superlink.db",
                                            self.link_home, host="127.0.0.1", log=self.root / "superlink.log")
         self.started.append(self.link)
-        deploy.wait_for_port("127.0.0.1", self.port, self.link, timeout=90)
-        deploy.write_connection(self.link_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"])
-        assert deploy.register_supernodes(self.certs["coordinator"], self.link_home) == SITES
+        processes.wait_for_port("127.0.0.1", self.port, self.link, timeout=90)
+        flower_cli.write_connection(self.link_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"])
+        assert flower_cli.register_supernodes(self.certs["coordinator"], self.link_home) == SITES
 
     def start_node(self, name: str) -> object:
         self.nodes[name] = self._supernode(name, self.certs["sites"][name], self.node_ports[name], name)
         return self.nodes[name]
 
     def _supernode(self, name: str, certs: Path, port: int, label: str) -> object:
-        proc = deploy.start_supernode(certs, f"127.0.0.1:{self.port}", self.data[name], name, port,
+        proc = processes.start_supernode(certs, f"127.0.0.1:{self.port}", self.data[name], name, port,
                                       self.root / f"flwr-{label}", cache_dir=self.root / "cache" / label,
                                       log=self.root / f"{label}.log")
         self.started.append(proc)
@@ -106,7 +106,7 @@ class Federation:
 
     def crash(self, proc) -> None:
         """SIGKILL a process and everything it started: that machine lost power."""
-        kids = deploy.descendants(proc.pid)
+        kids = processes.descendants(proc.pid)
         self.descendants.update(kids)
         proc.kill()
         for pid, _ in kids:
@@ -120,10 +120,10 @@ class Federation:
         """Stop everything; return the pids still running afterwards (should be none)."""
         for proc in self.started:
             if proc.poll() is None:
-                self.descendants.update(deploy.descendants(proc.pid))
-        deploy.stop(self.started)
+                self.descendants.update(processes.descendants(proc.pid))
+        processes.stop(self.started)
         end = time.monotonic() + 10
-        while (left := [p[0] for p in self.descendants if deploy.alive(p)]) and time.monotonic() < end:
+        while (left := [p[0] for p in self.descendants if processes.alive(p)]) and time.monotonic() < end:
             time.sleep(0.2)
         return [p.pid for p in self.started if p.poll() is None] + left
 
@@ -144,7 +144,7 @@ class Federation:
         return self.root / "runs" / name
 
     def submit(self, config: Path, timeout: float = 300) -> dict:
-        return deploy.submit_run(self.app, deploy.CONNECTION, config, self.coordinator_home, timeout=timeout)
+        return flower_cli.submit_run(self.app, flower_cli.CONNECTION, config, self.coordinator_home, timeout=timeout)
 
     def submit_in_background(self, config: Path) -> tuple[threading.Thread, dict]:
         box: dict = {}
@@ -209,17 +209,17 @@ def test_certificates_keys_and_cli(tmp_path):
 
     # Adding a hospital later keeps the CA and the existing hospitals' keys.
     before = (c / "site_A/supernode.key").read_bytes(), (c / "coordinator/ca.crt").read_bytes()
-    deploy.make_certificates(c, ["site_A", "site_B", "site_C"], "coordinator.example.org")
+    certificates.make_certificates(c, ["site_A", "site_B", "site_C"], "coordinator.example.org")
     assert ((c / "site_A/supernode.key").read_bytes(), (c / "coordinator/ca.crt").read_bytes()) == before
     assert (c / "coordinator/supernodes/site_C.pub").exists()
 
 
 def test_app_bundle_is_the_repository_flower_app(tmp_path):
-    """`flwr run` ships deploy.APP_PYPROJECT; it must say what the repository's pyproject says."""
+    """`flwr run` ships flower_cli.APP_PYPROJECT; it must say what the repository's pyproject says."""
     from flwr.common.config import validate_config
 
     repo = tomllib.loads((REPO / "pyproject.toml").read_text())
-    bundle = tomllib.loads((deploy.write_app(tmp_path) / "pyproject.toml").read_text())
+    bundle = tomllib.loads((flower_cli.write_app(tmp_path) / "pyproject.toml").read_text())
     for key in ("publisher", "components", "config"):
         assert bundle["tool"]["flwr"]["app"][key] == repo["tool"]["flwr"]["app"][key], key
     assert set(repo["tool"]["flwr"]["app"]["config"]) == {"fadal-config", "labels"}  # what submit_run sends
@@ -234,7 +234,7 @@ def test_app_bundle_is_the_repository_flower_app(tmp_path):
 
 def test_unregistered_supernode_is_refused(running, tmp_path):
     """SuperNode authentication is on: a key the coordinator did not register cannot join."""
-    rogue = deploy.make_certificates(tmp_path / "rogue", ["site_A"])["sites"]["site_A"]  # same name, other key
+    rogue = certificates.make_certificates(tmp_path / "rogue", ["site_A"])["sites"]["site_A"]  # same name, other key
     (rogue / "ca.crt").write_bytes(running.certs["ca_cert"].read_bytes())  # even with the right CA
     proc = running._supernode("site_A", rogue, free_port(), "rogue")
     try:

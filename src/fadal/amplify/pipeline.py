@@ -267,3 +267,11 @@ def summarise_site(site: Site, atlases: list[Case], out_dir: Path, cfg: AmplifyC
         organs_fused=[names[c] for c in fused_all],
         organs_not_fused=[n for n in site.organs if site.labels[n] not in fused_all],
         per_case=per_case)
+
+
+def amplify_sites(sites: list[Path], out: Path, cfg: AmplifyConfig,
+                  progress: Progress | None = None) -> dict[str, AmplificationSummary]:
+    """Amplify each site's labels into ``out/<site folder name>`` (resumable). Every site is read and
+    checked before the first is amplified: a bad file stops the run before anything is written."""
+    loaded = [load_site(s) for s in sites]
+    return {Path(s).name: amplify_site(site, out / Path(s).name, cfg, progress=progress) for s, site in zip(sites, loaded)}

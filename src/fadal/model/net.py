@@ -60,3 +60,11 @@ def norm_state_keys(model: torch.nn.Module) -> list[str]:
 def pick_device() -> torch.device:
     """CUDA when present (users train on GPUs), the CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_summary() -> str:
+    """The device training and inference run on, as one line for the user (CLI, demo)."""
+    dev = pick_device()
+    if dev.type == "cuda":
+        return f"CUDA ({torch.cuda.get_device_name(0)}), mixed precision"
+    return f"CPU ({torch.get_num_threads()} threads)"

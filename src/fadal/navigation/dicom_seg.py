@@ -184,7 +184,6 @@ def write_dicom_seg(label: sitk.Image, source_dicom_folder: Path, labels: Mappin
     ``labels`` are left out (logged).
     """
     import highdicom as hd
-    import pydicom
 
     import fadal
 
@@ -192,27 +191,57 @@ def write_dicom_seg(label: sitk.Image, source_dicom_folder: Path, labels: Mappin
     out_path = Path(out_path)
     if label.GetDimension() != 3:
         raise FadalInputError(f"label map must be 3D, got {label.GetDimension()}D")
+    datasets, k_of = _matching_series(label, folder, series_uid)
+    _complete_uids(datasets, folder)
+    modality = getattr(datasets[0], "Modality", "")
+    if modality and modality != "CT":
+        log.info("%s: source modality is %s, not CT", folder, modality)
+    present, pixel_array = _segment_frames(label, labels, k_of)
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=_segment_descriptions(present),
+        series_instance_uid=hd.UID(),
+        series_number=_series_number(datasets[0]),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="FADAL",
+        manufacturer_model_name="FADAL",
+        software_versions=str(fadal.__version__),
+        device_serial_number="none",
+        series_description=series_description[:64],
+        content_label="FADAL",
+        content_description="Automatic organ segmentation"[:64],
+    )
+    with atomic_path(out_path, suffix=".dcm") as tmp:
+        seg.save_as(tmp)
+    return out_path
+
+
+def _matching_series(label: sitk.Image, folder: Path, series_uid: str | None) -> tuple[list, list[int]]:
+    """The first series of ``folder`` (or ``series_uid``) on the label's grid: its datasets (no pixels) and,
+    for each, the label slice it holds; an error listing why each series does not match otherwise."""
+    import pydicom
+
     reasons = []
-    chosen = None
     for uid, files in _source_series(folder, series_uid).items():
         datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         match = _match_slices(label, datasets)
         if isinstance(match, str):
             reasons.append(f"series {uid}: {match}")
             continue
-        chosen = (uid, datasets, match)
-        break
-    if chosen is None:
-        raise FadalInputError(
-            f"{folder}: the label map is not on the DICOM series' grid ({'; '.join(reasons)}); resample it onto "
-            "the series first: fadal.data.io.resample_like(label, read_dicom_series(folder), is_label=True)"
-        )
-    _, datasets, k_of = chosen
-    _complete_uids(datasets, folder)
-    modality = getattr(datasets[0], "Modality", "")
-    if modality and modality != "CT":
-        log.info("%s: source modality is %s, not CT", folder, modality)
+        return datasets, match
+    raise FadalInputError(
+        f"{folder}: the label map is not on the DICOM series' grid ({'; '.join(reasons)}); resample it onto "
+        "the series first: fadal.data.io.resample_like(label, read_dicom_series(folder), is_label=True)"
+    )
 
+
+def _segment_frames(label: sitk.Image, labels: Mapping[str, int],
+                    k_of: list[int]) -> tuple[list[tuple[str, int]], np.ndarray]:
+    """The named organs present (by label value) and the frames as segment numbers 1..n, in the order of the
+    source instances (matched by position)."""
     arr = sitk.GetArrayViewFromImage(label)  # (z, y, x): frame k is (rows = y, columns = x), as in DICOM
     if np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.mod(arr, 1) == 0):
@@ -228,36 +257,16 @@ def write_dicom_seg(label: sitk.Image, source_dicom_folder: Path, labels: Mappin
         log.info("label values %s are not named in labels; left out of the DICOM SEG", undeclared)
     if not present:
         raise FadalInputError("none of the named organs is present in the label map; nothing to write")
-
-    # Label value -> segment number 1..n; frames in the order of source_images (matched by position).
     lut = np.zeros(int(max(int(arr.max()), max(v for _, v in present))) + 1, dtype=np.uint8 if len(present) < 256
                    else np.uint16)
     for number, (_, value) in enumerate(present, start=1):
         lut[value] = number
-    pixel_array = lut[np.asarray(arr)[k_of]]
+    return present, lut[np.asarray(arr)[k_of]]
 
-    first = datasets[0]
+
+def _series_number(source) -> int:
+    """The SEG's series number: the CT's + 1000, so viewers list it next to its CT."""
     try:
-        series_number = int(getattr(first, "SeriesNumber", 0) or 0) + 1000
+        return int(getattr(source, "SeriesNumber", 0) or 0) + 1000
     except (TypeError, ValueError):
-        series_number = 1000
-    seg = hd.seg.Segmentation(
-        source_images=datasets,
-        pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=_segment_descriptions(present),
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="FADAL",
-        manufacturer_model_name="FADAL",
-        software_versions=str(fadal.__version__),
-        device_serial_number="none",
-        series_description=series_description[:64],
-        content_label="FADAL",
-        content_description="Automatic organ segmentation"[:64],
-    )
-    with atomic_path(out_path, suffix=".dcm") as tmp:
-        seg.save_as(tmp)
-    return out_path
+        return 1000

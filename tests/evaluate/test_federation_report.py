@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fadal.config import FederationConfig, SiteSpec
-from fadal.pipeline import federation_report
+from fadal.evaluate.federation import federation_report
 from fadal.records import FederationHistory, RoundEntry
 
 
