@@ -107,10 +107,9 @@ def run_deployment(cfg, views: dict[str, Path], out: Path) -> dict:
             raise RuntimeError(f"deployment run ended {result['status']}; logs in {root}")
     finally:
         processes.stop(started)
-    from fadal.data.io import read_record
-    from fadal.records import FederationHistory
+    from fadal.federated.rounds import read_history
 
-    history = read_record(FederationHistory, out / "history.json")
+    history = read_history(out / "history.json")
     return {"wall_s": round(wall, 1), "processes_start_s": round(t_up, 1), **overhead(history, concurrent=True)}
 
 

@@ -37,7 +37,7 @@ def split_ids(meta: dict, split: str) -> list[str]:
     return sorted(c for c, m in meta.items() if m.get("official_split", m.get("split")) == split)
 
 
-def run_fadal(view: Path, minutes: float, threads: int, seed: int, balance: str = "case",
+def run_fadal(view: Path, minutes: float, threads: int, seed: int, balance: str | None = None,
               foreground_fraction: float | None = None) -> dict:
     import torch
 
@@ -49,9 +49,8 @@ def run_fadal(view: Path, minutes: float, threads: int, seed: int, balance: str 
     from fadal.model.patches import site_training_items
     from fadal.plan.planner import plan_for_sites
 
-    cfg = TrainConfig(seed=seed, num_threads=threads, minutes=minutes, foreground_balance=balance)
-    if foreground_fraction is not None:
-        cfg = cfg.model_copy(update={"foreground_fraction": foreground_fraction})
+    given = {"foreground_balance": balance, "foreground_fraction": foreground_fraction}  # None: TrainConfig's default
+    cfg = TrainConfig(seed=seed, num_threads=threads, minutes=minutes, **{k: v for k, v in given.items() if v is not None})
     seed_everything(cfg.seed, cfg.num_threads)
     t0 = time.perf_counter()
     site = load_site(view, validate=False)
@@ -124,8 +123,6 @@ def table(fadal: dict | None, peer: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from fadal.config import TrainConfig
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train-data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--eval-data", type=Path, default=None, help="Default: --train-data.")
@@ -157,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     view = write_view(a.out / "view", a.train_data, eval_data, train_ids, eval_ids)
     results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                      "train_cases": len(train_ids), "eval_cases": len(eval_ids)}
-    fadal = None if a.skip_fadal else run_fadal(view, a.minutes, a.threads, a.seed,
-                                                  a.balance or TrainConfig().foreground_balance, a.foreground_fraction)
+    fadal = None if a.skip_fadal else run_fadal(view, a.minutes, a.threads, a.seed, a.balance,
+                                                  a.foreground_fraction)
     results["fadal"] = fadal
     (a.out / "results.json").write_text(json.dumps(results, indent=1))
     peer = None

@@ -198,14 +198,13 @@ def federate(
 
     Each site's ClientApp reads only its own folder; only model arrays and scalar metrics travel."""
     if deployment:
-        from fadal.data.io import read_record
-        from fadal.records import FederationHistory
+        from fadal.federated.rounds import read_history
 
         cfg = submit_federation(config, server, certs, home)
         hist_path = Path(cfg.out) / "history.json"
         if hist_path.exists():
             try:
-                history = read_record(FederationHistory, hist_path, "federation history")
+                history = read_history(hist_path)
             except FadalInputError as err:
                 _fail(err)
             _print_history(history.rounds)
@@ -339,11 +338,10 @@ def report(run_dir: Path = typer.Argument(..., help="A folder with metrics.json 
         _fail(FadalInputError(f"{run_dir}: no metrics.json (run `fadal evaluate` first)"))
     history = _load_json(run_dir / "history.json")
     if history is not None and "schema_version" in history:  # a federation's out: (records.FederationHistory)
-        from fadal.data.io import read_record
-        from fadal.records import FederationHistory
+        from fadal.federated.rounds import read_history
 
         try:
-            federation = read_record(FederationHistory, run_dir / "history.json", "federation history")
+            federation = read_history(run_dir / "history.json")
         except FadalInputError as err:
             _fail(err)
         strategy = (federation.config or {}).get("strategy", "fedavg")

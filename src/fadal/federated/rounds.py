@@ -67,7 +67,7 @@ def resume_point(cfg: FederationConfig, labels: dict[str, int], model: torch.nn.
         raise FadalInputError(f"{ckpt_path}: cannot resume this earlier run ({err}); use a new `out:` or "
                               "`resume: false`") from err
     done = int(ckpt["round"])
-    history = read_record(FederationHistory, hist_path, "federation history")
+    history = read_history(hist_path)
     history.rounds = [r for r in history.rounds if r.round <= done]
     return done, history
 
@@ -123,3 +123,8 @@ def save_round(model: torch.nn.Module, cfg: FederationConfig, plan: Plan, labels
 def write_history(history: FederationHistory, out: Path) -> Path:
     """``out/history.json`` (a field not recorded yet, e.g. Dice in a round without evaluation, is left out)."""
     return write_record(history, Path(out) / "history.json", exclude_none=True)
+
+
+def read_history(path: Path) -> FederationHistory:
+    """A federation's ``history.json`` as :func:`write_history` wrote it (one clear error naming the file otherwise)."""
+    return read_record(FederationHistory, path, "federation history")

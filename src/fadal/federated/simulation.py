@@ -13,12 +13,12 @@ import torch
 from flwr.simulation import run_simulation
 
 from fadal.config import FederationConfig
-from fadal.data.io import read_record
 from fadal.data.site import parse_labels, read_dataset_json
 from fadal.errors import FadalInputError
 from fadal.federated.client_app import build_client_app
 from fadal.federated.site_task import SiteRuntime
 from fadal.federated.server_app import build_server_app
+from fadal.federated.rounds import read_history
 from fadal.records import FederationHistory
 
 
@@ -58,7 +58,7 @@ def simulate(cfg: FederationConfig) -> FederationHistory:
     run_simulation(server_app=build_server_app(cfg, labels, len(runtimes)),
                    client_app=build_client_app(runtimes), num_supernodes=len(runtimes), backend_config=backend)
     hist_path = out / "history.json"
-    history = read_record(FederationHistory, hist_path, "federation history") if hist_path.exists() else FederationHistory()
+    history = read_history(hist_path) if hist_path.exists() else FederationHistory()
     done = [r for r in history.rounds if r.loss is not None]
     if len(done) < cfg.rounds:
         raise RuntimeError(f"federated run stopped after {len(done)}/{cfg.rounds} rounds; see the log above ({out})")
