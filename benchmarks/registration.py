@@ -1,16 +1,15 @@
-"""Atlas propagation on OpenKBP: elastix (register_atlas, default settings) against the learned registration.
+"""Atlas propagation on OpenKBP: elastix (register_atlas, default settings) against its initial translation.
 
-The learned model (``fadal.amplify.learned``) is trained on ``--n-train`` scans of one site's official
-*train* split (their labels are never read), then both methods propagate atlases between
-held-out pairs of the site's *validation* split (atlas i -> target i+1, disjoint pairs). Dice is
-scored per organ only on organs annotated in both the atlas and the target (OpenKBP annotations
-are partial: an organ a case did not contour is unknown there, not background). "translation" is
-the initial translation alone (the start both methods share), to show what the deformable stage adds.
+Atlases are propagated between held-out pairs of one site's *validation* split (atlas i -> target
+i+1, disjoint pairs). Dice is scored per organ only on organs annotated in both the atlas and the
+target (OpenKBP annotations are partial: an organ a case did not contour is unknown there, not
+background). "translation" is the initial translation alone (elastix's start), to show what the
+deformable stage adds.
 
     PYTHONPATH=src python benchmarks/registration.py [--quick] [--data ../shared/data/openkbp] [--out runs/...]
 
 Writes ``results.json`` (per pair and per organ, timings, settings) to ``--out`` and prints a table.
-Both methods are cached by content under ``--out``: a re-run only redoes what changed.
+Registrations are cached by content under ``--out``: a re-run only redoes what changed.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _openkbp import site_case_ids, spread  # noqa: E402
+from _openkbp import site_case_ids  # noqa: E402
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,102 +44,73 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", type=Path, default=Path("../shared/data/openkbp"))
     ap.add_argument("--out", type=Path, default=Path("runs/registration_benchmark"))
     ap.add_argument("--site", default="A")
-    ap.add_argument("--n-train", type=int, default=12, help="scans the learned model trains on")
     ap.add_argument("--pairs", type=int, default=4, help="held-out (atlas, target) pairs")
-    ap.add_argument("--steps", type=int, default=200, help="training steps of the learned model")
-    ap.add_argument("--spacing", type=float, default=6.0, help="network grid spacing (mm)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of the learned model")
-    ap.add_argument("--smooth-weight", type=float, default=1.0, help="diffusion penalty weight of the learned model")
-    ap.add_argument("--threads", type=int, default=1, help="ITK and torch threads (both methods)")
-    ap.add_argument("--quick", action="store_true", help="6 training scans, 60 steps, 2 pairs (a smoke run)")
+    ap.add_argument("--threads", type=int, default=1, help="ITK threads")
+    ap.add_argument("--quick", action="store_true", help="2 pairs (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.n_train, args.steps, args.pairs = 6, 60, 2
+        args.pairs = 2
 
     import itk
-    import torch
 
-    from fadal.amplify import learned
     from fadal.amplify.register import register_atlas
     from fadal.amplify.result import registration_failure
-    from fadal.config import LearnedRegistrationConfig, RegistrationConfig
+    from fadal.config import RegistrationConfig
 
     itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(args.threads)
-    torch.set_num_threads(args.threads)
     meta = json.loads((args.data / "cases.json").read_text())
     organs = {n: v for n, v in json.loads((args.data / "dataset.json").read_text())["labels"].items() if v}
     img = lambda c: args.data / "imagesTr" / f"{c}_0000.nii.gz"  # noqa: E731
     lab = lambda c: args.data / "labelsTr" / f"{c}.nii.gz"  # noqa: E731
-    train_ids = spread(site_case_ids(meta, args.site, "train"), args.n_train)
     held = site_case_ids(meta, args.site, "validation")
     pairs = [(held[2 * k], held[2 * k + 1]) for k in range(min(args.pairs, len(held) // 2))]
-    if not train_ids or not pairs:
-        raise SystemExit(f"site {args.site}: no train or validation cases in {args.data / 'cases.json'}")
+    if not pairs:
+        raise SystemExit(f"site {args.site}: no validation pairs in {args.data / 'cases.json'}")
 
     elastix_cfg = RegistrationConfig(workers=1)
-    learned_cfg = RegistrationConfig(workers=1, method="learned", learned=LearnedRegistrationConfig(
-        steps=args.steps, spacing_mm=args.spacing, num_threads=args.threads, lr=args.lr,
-        smooth_weight=args.smooth_weight))
     args.out.mkdir(parents=True, exist_ok=True)
-
-    t0 = time.perf_counter()
-    model = learned.site_model([img(c) for c in train_ids], args.out / "model", learned_cfg,
-                               log=lambda m: print(f"  train {m}", flush=True))
-    train_wall = time.perf_counter() - t0
-    print(f"learned model {model.key}: trained in {model.train_seconds:.0f} s on {len(train_ids)} scans "
-          f"({'cached' if train_wall < 0.5 * model.train_seconds else 'this run'})", flush=True)
 
     rows = []
     for atlas, target in pairs:
         both = sorted(set(meta[atlas]["annotated"]) & set(meta[target]["annotated"]), key=organs.get)
         scored = {n: organs[n] for n in both}
         row: dict = {"atlas": atlas, "target": target, "organs": both}
-        for name, cfg, run in (
-            ("elastix", elastix_cfg, lambda: register_atlas(img(target), img(atlas), lab(atlas),
-                                                            args.out / "elastix", elastix_cfg)),
-            ("learned", learned_cfg, lambda: learned.propagate(model, img(target), img(atlas), lab(atlas),
-                                                               args.out / "learned", learned_cfg)),
-        ):
-            res = run()
-            row[name] = {"dice": _organ_dice(res.warped_label, lab(target), scored), "seconds": res.seconds,
-                         "cached": res.cached, "ncc": res.metric_after, "body_dice": res.body_dice,
-                         "failed": registration_failure(res, cfg)}
-            if name == "learned":  # the shared starting point: the initial translation alone
-                fixed = sitk.ReadImage(str(img(target)))
-                moved = sitk.Resample(sitk.ReadImage(str(lab(atlas))), fixed,
-                                      sitk.TranslationTransform(3, list(res.init_translation_mm)),
-                                      sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-                row["translation"] = {"dice": _organ_dice(moved, lab(target), scored), "ncc": res.metric_init}
+        res = register_atlas(img(target), img(atlas), lab(atlas), args.out / "elastix", elastix_cfg)
+        row["elastix"] = {"dice": _organ_dice(res.warped_label, lab(target), scored), "seconds": res.seconds,
+                          "cached": res.cached, "ncc": res.metric_after, "body_dice": res.body_dice,
+                          "failed": registration_failure(res, elastix_cfg)}
+        fixed = sitk.ReadImage(str(img(target)))
+        moved = sitk.Resample(sitk.ReadImage(str(lab(atlas))), fixed,
+                              sitk.TranslationTransform(3, list(res.init_translation_mm)),
+                              sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        row["translation"] = {"dice": _organ_dice(moved, lab(target), scored), "ncc": res.metric_init}
         print(f"{atlas} -> {target}: " + ", ".join(
-            f"{m} {np.nanmean(list(row[m]['dice'].values())):.3f}" for m in ("translation", "elastix", "learned"))
-            + f" | s/pair elastix {row['elastix']['seconds']:.1f}, learned {row['learned']['seconds']:.1f}", flush=True)
+            f"{m} {np.nanmean(list(row[m]['dice'].values())):.3f}" for m in ("translation", "elastix"))
+            + f" | s/pair elastix {row['elastix']['seconds']:.1f}", flush=True)
         rows.append(row)
 
-    methods = ("translation", "elastix", "learned")
+    methods = ("translation", "elastix")
     per_organ = {m: {o: float(np.nanmean([r[m]["dice"][o] for r in rows if o in r[m]["dice"]]))
                      for o in organs if any(o in r[m]["dice"] for r in rows)} for m in methods}
     summary = {
-        "site": args.site, "train_cases": train_ids, "pairs": [[a, t] for a, t in pairs],
-        "threads": args.threads, "train_seconds": round(model.train_seconds, 1), "model": str(model.path),
-        "final_train_loss": float(np.mean(model.losses[-20:])) if model.losses else None,
+        "site": args.site, "pairs": [[a, t] for a, t in pairs], "threads": args.threads,
         "mean_dice": {m: float(np.nanmean([d for r in rows for d in r[m]["dice"].values()])) for m in methods},
         "per_organ_dice": per_organ,
-        "seconds_per_pair": {m: float(np.mean([r[m]["seconds"] for r in rows])) for m in ("elastix", "learned")},
-        "settings": {"elastix": elastix_cfg.model_dump(mode="json"), "learned": learned_cfg.model_dump(mode="json")},
+        "seconds_per_pair": {"elastix": float(np.mean([r["elastix"]["seconds"] for r in rows]))},
+        "settings": {"elastix": elastix_cfg.model_dump(mode="json")},
         "rows": rows,
     }
     from fadal.data.io import write_json
 
     write_json(summary, args.out / "results.json")
 
-    print(f"\nsite {args.site}: {len(pairs)} held-out pairs, learned model trained on {len(train_ids)} scans, "
-          f"{args.steps} steps at {args.spacing:g} mm in {model.train_seconds:.0f} s ({args.threads} thread(s))")
+    print(f"\nsite {args.site}: {len(pairs)} held-out pairs ({args.threads} ITK thread(s))")
     print(f"{'organ':<14}{'n':>3}" + "".join(f"{m:>13}" for m in methods))
     for o in per_organ["elastix"]:
         n = sum(o in r["elastix"]["dice"] for r in rows)
         print(f"{o:<14}{n:>3}" + "".join(f"{per_organ[m].get(o, float('nan')):>13.3f}" for m in methods))
     print(f"{'mean (all)':<17}" + "".join(f"{summary['mean_dice'][m]:>13.3f}" for m in methods))
-    print(f"{'s/pair':<17}{'':>13}" + "".join(f"{summary['seconds_per_pair'][m]:>13.2f}" for m in ("elastix", "learned")))
+    print(f"{'s/pair':<17}{'':>13}" + f"{summary['seconds_per_pair']['elastix']:>13.2f}")
     print(f"results: {args.out / 'results.json'}")
     return summary
 

@@ -20,38 +20,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LearnedRegistrationConfig(_Strict):
-    """VoxelMorph-style network trained on a site's own scans, unlabeled pairs (``RegistrationConfig.method="learned"``)."""
-
-    spacing_mm: float = Field(6.0, gt=0, description="Isotropic voxel size the network sees (mm); the label is "
-                              "warped on the fixed scan's own grid through the interpolated field (elastix's B-spline "
-                              "control points are 24 mm apart).")
-    hu_window: tuple[float, float] = Field((-300.0, 700.0), description="HU range mapped to [0, 1]: keeps air / fat / "
-                                           "soft tissue / bone apart (the body outline and bone drive the alignment).")
-    steps: int = Field(200, ge=1, description="Training steps (one random pair of the site's scans each).")
-    lr: float = Field(1e-3, gt=0)
-    channels: tuple[int, ...] = Field((8, 16, 16, 16), description="VoxelMorphUNet channels (an even number); the first "
-                                      "is also the width of the full-resolution layers, which dominate the CPU time "
-                                      "(measured: 1.5 s per training step against 3.9 s with (16, 32, 32, 32)).")
-    integration_steps: int = Field(7, ge=0, description="Scaling-and-squaring steps (0 = plain displacement field, "
-                                   "not diffeomorphic).")
-    lncc_kernel: int = Field(5, ge=3, description="Local NCC window (voxels of spacing_mm).")
-    smooth_weight: float = Field(1.0, ge=0, description="Weight of the diffusion (gradient) penalty on the field "
-                                 "(in voxels of spacing_mm) against the local NCC loss.")
-    max_scans: int = Field(40, ge=2, description="Train on at most this many of the site's scans (spread over the list).")
-    num_threads: int = Field(0, ge=0, description="torch CPU threads while training and propagating; 0 = torch's default.")
-    seed: int = 0
-
-
 class RegistrationConfig(_Strict):
-    """Atlas-to-scan registration: initial translation, then elastix (affine then B-spline, multi-resolution)
-    or a network trained on the site's scans (``method``)."""
+    """Atlas-to-scan registration: initial translation, then elastix (affine then B-spline, multi-resolution)."""
 
-    method: Literal["elastix", "learned"] = Field(
-        "elastix", description="'elastix': affine then B-spline per pair (~8 s on 128^3 with 2 threads). 'learned': "
-        "a VoxelMorph-style network trained on the site's own scans (unlabeled pairs) once, then one forward pass "
-        "per pair after the same initial translation (see amplify/learned.py).")
-    learned: LearnedRegistrationConfig = LearnedRegistrationConfig()
     resolutions: int = Field(3, ge=1, le=5, description="Pyramid levels for both stages.")
     affine_iterations: int = Field(128, ge=1)
     bspline_iterations: int = Field(128, ge=1)

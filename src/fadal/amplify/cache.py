@@ -56,9 +56,7 @@ def pair_key(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: Regis
     h = hashlib.sha256()
     for p in (fixed_image, atlas_image, atlas_label):
         h.update(path_digest(p))
-    # elastix keys leave out the learned-model settings: caches from before they existed stay valid.
-    exclude = _NOT_IN_KEY | ({"method", "learned"} if cfg.method == "elastix" else set())
-    h.update(cfg.model_dump_json(exclude=exclude).encode())
+    h.update(cfg.model_dump_json(exclude=_NOT_IN_KEY).encode())
     h.update(RECIPE_VERSION.encode())
     return h.hexdigest()[:KEY_CHARS]
 

@@ -10,7 +10,6 @@ Outputs (``out_dir``)::
                                 after registration, body Dice; QC (per-organ measures and flags);
                                 ``organs_fused`` = the organs training may trust (fused and accepted by QC)
     registrations/              cache of warped atlas labels and scans, keyed by content (see cache.py)
-    registration_model/         registration.method "learned": the site's network, keyed by its scans (learned.py)
     amplification.json          a :class:`fadal.records.AmplificationSummary` of the site
 
 The site is read by :func:`fadal.data.site.load_site`, the one site reader, with every image and label
@@ -211,13 +210,6 @@ def register_pairs(site: Site, atlases: list[Case], todo: list[Case], out_dir: P
 
     if not pairs:
         return []
-    if cfg.registration.method == "learned":
-        # Trained once on all the site's scans (labels unused), cached by their content; see learned.py.
-        from fadal.amplify import learned
-
-        model = learned.site_model([c.image for c in site.labeled + site.unlabeled], out_dir / "registration_model",
-                                   cfg.registration)
-        return learned.register_many(model, pairs, out_dir / "registrations", cfg.registration, on_result)
     return register_many(pairs, out_dir / "registrations", cfg.registration, on_result, errors="record")
 
 

@@ -8,7 +8,7 @@ registers the same pair twice. :func:`register_many` runs many pairs in worker p
 thread each (on a small machine, several single-threaded registrations beat one multi-threaded one,
 and a crash in elastix only takes down its worker).
 
-Every method (elastix here, :mod:`fadal.amplify.learned`) starts from :func:`prepare_pair` (read and
+Every pair starts from :func:`prepare_pair` (read and
 check the files, body masks, the initial translation: :mod:`fadal.amplify.geometry`,
 :mod:`fadal.amplify.initialize`) and ends in :func:`finish_pair` (warp, measure the quality that
 :func:`fadal.amplify.result.registration_failure` judges, store). The fixed mask is limited to the
