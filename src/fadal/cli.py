@@ -89,23 +89,33 @@ def phantom(
 def amplify(
     site: list[Path] = typer.Option(..., help="Site folder(s) (nnU-Net v2 or MSD layout); repeat for several."),
     out: Path = typer.Option(Path("amplified"), help="Output root; each site gets out/<site folder name>/."),
-    config: Optional[Path] = typer.Option(None, help="Amplification YAML (see fadal.config.AmplifyConfig)."),
+    config: Optional[Path] = typer.Option(None, help="Amplification YAML (fadal.config.AmplifyConfig): registration, "
+                                          "fusion, QC, and the optional synthesis and selftrain stages."),
 ) -> None:
-    """Turn each site's few labels into many: register atlases onto unlabeled scans and fuse labels.
+    """Turn each site's few labels into many: multi-atlas fusion, then (as configured) synthesis of new
+    labeled pairs and self-training with QC. Per stage, what was made, accepted and rejected goes to
+    out/<site>/amplification.json.
 
-    Resumable: finished registrations and cases are not redone on a re-run."""
-    from fadal.amplify.pipeline import amplify_sites
+    Resumable: finished registrations, scans, transforms and self-training runs are not redone."""
+    from fadal.amplify.chain import amplify_sites
     from fadal.config import AmplifyConfig, load_yaml
 
     try:
         cfg = load_yaml(AmplifyConfig, config) if config else AmplifyConfig()
         with _Bar("registrations") as bar:
-            summary = amplify_sites(site, out, cfg, progress=lambda *_: bar.update(advance=1))
+            reports = amplify_sites(site, out, cfg, progress=lambda *_: bar.update(advance=1), log=console.print)
     except FadalInputError as err:
         _fail(err)
-    for name, s in summary.items():
-        console.print(f"{name}: {s.n_scans} scans amplified ({s.n_registrations_this_run} new registrations) in "
-                      f"{s.total_seconds:.1f} s -> {out / name}")
+    for name, r in reports.items():
+        f = r.fusion
+        line = (f"{name}: fusion {f.n_accepted}/{f.n_scans} scans accepted ({f.n_registrations_this_run} new "
+                f"registrations, {f.total_seconds:.1f} s)")
+        if r.synthesis is not None:
+            line += f"; synthesis {r.synthesis.transforms_kept} transforms kept, {len(r.synthesis.transforms_rejected)} rejected"
+        if r.selftrain is not None:
+            last = r.selftrain.rounds[-1]
+            line += f"; self-training round {last['round']}: {last['accepted']}/{last['scans']} accepted"
+        console.print(f"{line} -> {out / name} (training reads {r.training_labels})")
 
 
 @app.command()

@@ -90,58 +90,6 @@ class QCConfig(_Strict):
                                         "of its fused organs is flagged (or none is left).")
 
 
-class AmplifyConfig(_Strict):
-    registration: RegistrationConfig = RegistrationConfig()
-    fusion: FusionConfig = FusionConfig()
-    qc: QCConfig = QCConfig()
-    max_atlases: int = Field(5, ge=1, description="Use at most this many labeled scans as atlases.")
-
-
-def _coarse_registration() -> "RegistrationConfig":
-    # Synthesis registers on the network's coarse grid (e.g. 6 mm): two levels and few iterations
-    # suffice there, and one pair then takes about a second.
-    return RegistrationConfig(resolutions=2, affine_iterations=64, bspline_iterations=64, spatial_samples=1024,
-                              grid_spacing_mm=30.0, workers=1)
-
-
-class SynthesisConfig(_Strict):
-    """Synthetic labeled pairs from learned transforms (Zhao et al., CVPR 2019; see amplify/synthesize.py)."""
-
-    registration: RegistrationConfig = Field(
-        default_factory=_coarse_registration,
-        description="Atlas -> unlabeled registration on the preprocessed grid; its deformation fields are the "
-        "spatial transforms that get sampled. Its failure thresholds (min_ncc, min_body_dice) drop failed ones.")
-    max_targets: int = Field(8, ge=1, description="Unlabeled scans per atlas whose transforms are learned.")
-    appearance: Literal["field", "none"] = Field(
-        "field", description="'field': additive intensity field (target brought back into the atlas frame minus "
-        "the atlas, smoothed); 'none': spatial transforms only.")
-    appearance_sigma_mm: float = Field(
-        12.0, gt=0, description="Gaussian smoothing of the appearance field: it carries contrast/scanner "
-        "differences, not the target's (misregistered) edges.")
-    appearance_max: float = Field(0.2, ge=0, description="Clip of the appearance field (windowed intensity units, 1 = the HU window).")
-    appearance_scale: tuple[float, float] = Field(
-        (0.0, 1.0), description="Each draw scales its appearance field by a factor drawn uniformly in this range.")
-    fraction: float = Field(0.5, ge=0, lt=1, description="Share of synthetic pairs among the training samples.")
-    seed: int = 0
-
-
-class SelfTrainConfig(_Strict):
-    """Self-training with quality control (see amplify/selftrain.py)."""
-
-    rounds: int = Field(1, ge=1, description="Predict -> refine -> retrain cycles.")
-    model_confidence: float = Field(
-        0.9, gt=0, le=1, description="Where model and fusion disagree, the model's label is kept if its "
-        "probability is at least this; otherwise the voxel is dropped (confidence 0).")
-    min_volume_ratio: float = Field(0.5, gt=0, description="QC: a refined organ smaller than this x the fused one "
-                                    "goes back to the fusion's label for that scan.")
-    max_volume_ratio: float = Field(2.0, gt=1, description="QC: a refined organ larger than this x the fused one "
-                                    "goes back to the fusion's label for that scan.")
-    qc: QCConfig = Field(default_factory=QCConfig, description="The amplification QC (amplify/qc.py), applied to "
-                         "refined labels too: implausible organs are demoted, implausible scans rejected.")
-    fresh_model: bool = Field(True, description="Each round trains a new network (no confirmation bias from "
-                              "the previous weights); False fine-tunes the previous round's network.")
-
-
 class PlannerConfig(_Strict):
     """How the planner turns fingerprints into a :class:`Plan` (see plan/planner.py)."""
 
@@ -201,6 +149,73 @@ class TrainConfig(_Strict):
     amp: bool = Field(True, description="Mixed precision (and channels-last) when CUDA is present (ignored on CPU).")
     seed: int = 0
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = leave torch's default.")
+
+
+def _coarse_registration() -> "RegistrationConfig":
+    # Synthesis registers on the network's coarse grid (e.g. 6 mm): two levels and few iterations
+    # suffice there, and one pair then takes about a second.
+    return RegistrationConfig(resolutions=2, affine_iterations=64, bspline_iterations=64, spatial_samples=1024,
+                              grid_spacing_mm=30.0, workers=1)
+
+
+class SynthesisConfig(_Strict):
+    """Synthetic labeled pairs from learned transforms (Zhao et al., CVPR 2019; see amplify/synthesize.py)."""
+
+    registration: RegistrationConfig = Field(
+        default_factory=_coarse_registration,
+        description="Atlas -> unlabeled registration on the preprocessed grid; its deformation fields are the "
+        "spatial transforms that get sampled. Its failure thresholds (min_ncc, min_body_dice) drop failed ones.")
+    max_targets: int = Field(8, ge=1, description="Unlabeled scans per atlas whose transforms are learned.")
+    appearance: Literal["field", "none"] = Field(
+        "field", description="'field': additive intensity field (target brought back into the atlas frame minus "
+        "the atlas, smoothed); 'none': spatial transforms only.")
+    appearance_sigma_mm: float = Field(
+        12.0, gt=0, description="Gaussian smoothing of the appearance field: it carries contrast/scanner "
+        "differences, not the target's (misregistered) edges.")
+    appearance_max: float = Field(0.2, ge=0, description="Clip of the appearance field (windowed intensity units, 1 = the HU window).")
+    appearance_scale: tuple[float, float] = Field(
+        (0.0, 1.0), description="Each draw scales its appearance field by a factor drawn uniformly in this range.")
+    fraction: float = Field(0.5, ge=0, lt=1, description="Share of synthetic pairs among the training samples.")
+    seed: int = 0
+
+
+class SelfTrainConfig(_Strict):
+    """Self-training with quality control (see amplify/selftrain.py)."""
+
+    rounds: int = Field(1, ge=1, description="Predict -> refine -> retrain cycles.")
+    model_confidence: float = Field(
+        0.9, gt=0, le=1, description="Where model and fusion disagree, the model's label is kept if its "
+        "probability is at least this; otherwise the voxel is dropped (confidence 0).")
+    min_volume_ratio: float = Field(0.5, gt=0, description="QC: a refined organ smaller than this x the fused one "
+                                    "goes back to the fusion's label for that scan.")
+    max_volume_ratio: float = Field(2.0, gt=1, description="QC: a refined organ larger than this x the fused one "
+                                    "goes back to the fusion's label for that scan.")
+    qc: QCConfig = Field(default_factory=QCConfig, description="The amplification QC (amplify/qc.py), applied to "
+                         "refined labels too: implausible organs are demoted, implausible scans rejected.")
+    fresh_model: bool = Field(True, description="Each round trains a new network (no confirmation bias from "
+                              "the previous weights); False fine-tunes the previous round's network.")
+    model: Path | None = Field(None, description="`fadal amplify`: a trained checkpoint (e.g. a federation's "
+                               "global_model.pt) that refines once, no retraining; None = train one at the site "
+                               "(`train`) on its real + fused (+ synthetic) labels, then `rounds` refine/retrain cycles.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="`fadal amplify` without `model`: the "
+                               "site's own training runs.")
+
+
+class AmplifyConfig(_Strict):
+    """`fadal amplify --config amplify.yaml`: fusion, then (optionally) synthesis, then self-training (amplify/chain.py)."""
+
+    registration: RegistrationConfig = RegistrationConfig()
+    fusion: FusionConfig = FusionConfig()
+    qc: QCConfig = QCConfig()
+    max_atlases: int = Field(5, ge=1, description="Use at most this many labeled scans as atlases.")
+    synthesis: SynthesisConfig | None = Field(None, description="Second stage: learn each atlas's spatial and "
+                                              "appearance transforms from the unlabeled scans (cached at the site; "
+                                              "training draws new pairs from them). None = no synthesis.")
+    selftrain: SelfTrainConfig | None = Field(None, description="Third stage: refine the pseudo-labels with a "
+                                              "trained network, QC'd. None = no self-training.")
+    plan: Path | None = Field(None, description="plan.json (`fadal plan`, e.g. the federation's) whose grid synthesis "
+                              "learns on; None = the self-training model's plan, else planned from this site.")
+    planner: PlannerConfig = PlannerConfig()
 
 
 class SitePolicy(_Strict):
@@ -310,6 +325,14 @@ class FederationConfig(_Strict):
     evaluate_every: int = Field(1, ge=0, description="Sites score the global model on their held-out cases every N rounds (0 = never; otherwise also after the last round).")
     labels: dict[str, int] | None = Field(None, description="The federation's label set (default: the first site's dataset.json).")
     train: TrainConfig = TrainConfig()
+    synthesis: SynthesisConfig | None = Field(None, description="Each site also trains on synthetic pairs drawn on the "
+                                              "fly from its own learned transforms (cached at the site: its amplified "
+                                              "folder's synthesis/, else its cache), a share `fraction` of its samples.")
+    selftrain_every: int = Field(0, ge=0, description="Every K rounds (from round K+1) each site refines its "
+                                 "pseudo-labels with the global model it received (QC'd, on-site) and trains on them "
+                                 "from then on; 0 = never.")
+    selftrain: SelfTrainConfig = Field(default_factory=SelfTrainConfig, description="How sites refine (`model_confidence`, "
+                                       "volume ratios, `qc`); its training fields are unused here.")
     plan: Plan | None = Field(None, description="The network's plan; None = planned at the start of the run from the "
                               "sites' merged fingerprints (each site sends aggregate statistics only).")
     planner: PlannerConfig = PlannerConfig()
@@ -414,6 +437,11 @@ def load_yaml(model: type[BaseModel], path: str | Path) -> BaseModel:
         cfg.out = _rel(cfg.out, path.parent)
     if isinstance(cfg, SitePolicy) and cfg.ledger is not None:
         cfg.ledger = _rel(cfg.ledger, path.parent)
+    if isinstance(cfg, AmplifyConfig):
+        if cfg.plan is not None:
+            cfg.plan = _rel(cfg.plan, path.parent)
+        if cfg.selftrain is not None and cfg.selftrain.model is not None:
+            cfg.selftrain.model = _rel(cfg.selftrain.model, path.parent)
     return cfg
 
 

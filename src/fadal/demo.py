@@ -23,7 +23,7 @@ from fadal.data.site import load_site
 from fadal.plan.planner import plan_for_sites
 from fadal.data.io import write_json
 from fadal.data.phantom import make_phantom
-from fadal.amplify.pipeline import amplify_sites
+from fadal.amplify.chain import amplify_sites
 from fadal.evaluate.evaluate import evaluate_checkpoint
 from fadal.evaluate.metrics_document import metrics_document
 from fadal.evaluate.report import write_run_report
@@ -118,7 +118,7 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
     stage("navigation")
 
     doc = metrics_document(metrics)
-    amp_summary = {name: amplification_row(s) for name, s in amplification.items()}
+    amp_summary = {name: amplification_row(s.fusion) for name, s in amplification.items()}
     paths = write_run_report(out, doc, history=histories, amplification=amp_summary, overlays=overlays, viewer=viewer,
                              title="FADAL demo (synthetic phantom)")
     timings["total"] = time.perf_counter() - t0

@@ -8,8 +8,8 @@ branch for older files.
 * :class:`Plan` (with :class:`PreprocessConfig`, :class:`NetworkConfig`): planner -> training, every
   checkpoint, inference; a site's :class:`Fingerprint`: site -> planner.
 * :class:`FusionProvenance` / :class:`SelfTrainProvenance` (``provenance/<case>.json``, one per
-  pseudo-labeled scan) and :class:`AmplificationSummary` (``amplification.json``): amplification ->
-  training, self-training, the report.
+  pseudo-labeled scan) and :class:`AmplificationReport` (``amplification.json``: the fusion's :class:`AmplificationSummary`,
+  synthesis, self-training): amplification -> training, self-training, the report.
 * :class:`FederationHistory` of :class:`RoundEntry` (a federation's ``history.json``): the server
   loops -> resume, the report, the demo.
 
@@ -260,7 +260,7 @@ class RejectedScan(_Record):
 
 
 class AmplificationSummary(_Record):
-    """A site's ``amplification.json``: what ``fadal amplify`` made of every unlabeled scan (all of them,
+    """A site's ``fusion.json``: what the fusion stage made of every unlabeled scan (all of them,
     not only this run's) and what this run did."""
 
     schema_version: int = 1
@@ -281,6 +281,44 @@ class AmplificationSummary(_Record):
     organs_fused: list[str]
     organs_not_fused: list[str]
     per_case: dict[str, CaseSummary]
+
+
+class SynthesisStage(_Record):
+    """What synthesis made at a site: the atlas -> unlabeled-scan transforms training samples from."""
+
+    atlases: list[str]
+    targets: list[str]
+    transforms_kept: int
+    transforms_rejected: list[dict[str, str]] = Field(description="atlas, target, reason (failed registration).")
+    transforms_cached: int = Field(description="Of the kept ones, loaded from the site's cache, not learned this run.")
+    combinations: int = Field(description="Distinct (spatial, appearance) draws per atlas, summed.")
+    spacing_mm: tuple[float, float, float] = Field(description="The plan grid the transforms live on.")
+    cache: str
+    seconds: float
+
+
+class SelfTrainStage(_Record):
+    """What self-training made at a site: per round the scans refined, accepted and rejected (and why)."""
+
+    model: str = Field(description="The checkpoint that refined (given), or 'trained here'.")
+    rounds: list[dict[str, Any]] = Field(description="Per round: round, accepted, rejected, reasons, seconds.")
+    labels: str = Field(description="Folder of the last round's labels, relative to the site's output.")
+    key: str = Field(description="Hash of the settings, the plan and the fusion it refined: a re-run with the same "
+                     "key is not redone.")
+    seconds: float
+
+
+class AmplificationReport(_Record):
+    """A site's ``amplification.json``: every stage ``fadal amplify`` ran, and which labels training uses."""
+
+    schema_version: int = 2
+    site: str
+    fusion: AmplificationSummary
+    synthesis: SynthesisStage | None = None
+    selftrain: SelfTrainStage | None = None
+    training_labels: str = Field(description="Folder (relative to the site's output) holding the labels/, "
+                                 "confidence/ and provenance/ training reads: '.' (fusion) or the last "
+                                 "self-training round's.")
 
 
 # ------------------------------------------------------------------ federation -> resume, report, demo

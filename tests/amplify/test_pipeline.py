@@ -95,7 +95,7 @@ def test_amplify_site_outputs_and_resumes(tmp_path, phantom, fast_cfg, dice_scor
     assert all(a.metric_after > a.metric_before for a in prov.atlases)
     assert prov.organs_fused == ["liver", "kidney", "spine"] and prov.fusion_method == "majority"
     assert set(prov.organs) == {"liver", "kidney", "spine"}
-    written = AmplificationSummary.model_validate_json((out / "amplification.json").read_text())
+    written = AmplificationSummary.model_validate_json((out / "fusion.json").read_text())
     assert written == summary and written.per_case["u001"].mean_confidence > 0.5
 
     # Done cases are skipped; an unfinished case (no provenance) reuses the cached registrations.

@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fadal_testing import LABELS, write_site
-from fadal.config import FederationConfig, SiteSpec, TrainConfig
+from fadal.config import FederationConfig, RegistrationConfig, SiteSpec, SynthesisConfig, TrainConfig
 from fadal_testing import tiny_plan
 from fadal.federated.site_task import ALLOWED_METRICS, privatise_update
 from fadal.federated.rounds import train_config_record
@@ -231,13 +231,21 @@ def test_every_message_a_site_sends_holds_only_arrays_and_allowed_scalars(tmp_pa
         return app
 
     monkeypatch.setattr(simulation, "build_client_app", recording_client_app)
-    paths = [write_site(tmp_path / f"site_{k}", n_labeled=2, n_unlabeled=0, n_test=1) for k in range(2)]
+    paths = [write_site(tmp_path / f"site_{k}", n_labeled=2, n_unlabeled=1, n_test=1) for k in range(2)]
+    coarse = RegistrationConfig(resolutions=1, affine_iterations=32, bspline_iterations=32, spatial_samples=512)
     cfg = FederationConfig(sites=[SiteSpec(name=f"site_{k}", data=p) for k, p in enumerate(paths)], rounds=2,
                            train=TINY, plan=PLAN, strategy="fedbn", transfer_dtype="float16", dp_clip=1.0,
                            dp_noise_multiplier=1.0, partial_label_mode="condist", evaluate_every=1,
+                           synthesis=SynthesisConfig(registration=coarse, max_targets=1), selftrain_every=1,
                            out=tmp_path / "run")
     history = simulation.simulate(cfg)
     assert history.rounds[-1].epsilon > 0
+    # The amplification paths ran at each site (synthetic transforms learned, pseudo-labels refined by
+    # the global model in round 2), and stayed there: the checks below cover their messages too.
+    for k in range(2):
+        cache = cfg.out / "cache" / f"site_{k}"
+        assert list((cache / "synthesis").glob("*")), k
+        assert [p.name for p in (cache / "selftrain").glob("run*/round_2/provenance/*.json")] == ["case_002.json"], k
 
     model_keys = set(build_network(3, cfg.plan.network).state_dict())
     norm = set(norm_state_keys(build_network(3, cfg.plan.network)))

@@ -10,7 +10,8 @@ Outputs (``out_dir``)::
                                 after registration, body Dice; QC (per-organ measures and flags);
                                 ``organs_fused`` = the organs training may trust (fused and accepted by QC)
     registrations/              cache of warped atlas labels and scans, keyed by content (see cache.py)
-    amplification.json          a :class:`fadal.records.AmplificationSummary` of the site
+    fusion.json                 a :class:`fadal.records.AmplificationSummary` of the site's fusion
+                                (amplify/chain.py adds synthesis and self-training: amplification.json)
 
 The site is read by :func:`fadal.data.site.load_site`, the one site reader, with every image and label
 checked before any registration starts: an unreadable, truncated or constant scan, or an atlas label
@@ -193,7 +194,7 @@ def amplify_site(site_dir: Path | Site, out_dir: Path, cfg: AmplifyConfig, progr
     results = register_pairs(site, atlases, todo, out_dir, cfg, progress)
     fuse_cases(site, atlases, todo, results, out_dir, cfg, progress)
     summary = summarise_site(site, atlases, out_dir, cfg, results, len(todo), time.perf_counter() - t_start)
-    write_record(summary, out_dir / "amplification.json")
+    write_record(summary, out_dir / "fusion.json")
     return summary
 
 
@@ -259,11 +260,3 @@ def summarise_site(site: Site, atlases: list[Case], out_dir: Path, cfg: AmplifyC
         organs_fused=[names[c] for c in fused_all],
         organs_not_fused=[n for n in site.organs if site.labels[n] not in fused_all],
         per_case=per_case)
-
-
-def amplify_sites(sites: list[Path], out: Path, cfg: AmplifyConfig,
-                  progress: Progress | None = None) -> dict[str, AmplificationSummary]:
-    """Amplify each site's labels into ``out/<site folder name>`` (resumable). Every site is read and
-    checked before the first is amplified: a bad file stops the run before anything is written."""
-    loaded = [load_site(s) for s in sites]
-    return {Path(s).name: amplify_site(site, out / Path(s).name, cfg, progress=progress) for s, site in zip(sites, loaded)}

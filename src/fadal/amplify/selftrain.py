@@ -41,7 +41,8 @@ import torch
 
 from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
 from fadal.config import SelfTrainConfig, TrainConfig
-from fadal.data.io import read_image, same_geometry, resample_like, write_image, write_json, write_record
+from fadal.data.io import (read_image, read_record, resample_like, same_geometry, write_image, write_json,
+                           write_record)
 from fadal.data.site import Site
 from fadal.model.engine import train_model
 from fadal.model.infer import predict_image, save_checkpoint
@@ -163,8 +164,12 @@ def _on_scan(img: sitk.Image | None, scan: sitk.Image, is_label: bool) -> np.nda
 
 
 def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, plan: Plan,
-                cfg: SelfTrainConfig, round_no: int = 1, device: torch.device | None = None) -> dict:
-    """Predict, refine, check and write every unlabeled scan of one site; return a summary."""
+                cfg: SelfTrainConfig, round_no: int = 1, device: torch.device | None = None,
+                resume: bool = False) -> dict:
+    """Predict, refine, check and write every unlabeled scan of one site; return a summary.
+
+    ``resume``: a scan whose provenance is already in ``out_dir`` (written last) is not redone; only
+    for a folder that the same model and settings write (the caller keys it)."""
     site, out_dir = sts.site, Path(out_dir)
     names = {v: k for k, v in site.labels.items()}
     device = device or pick_device()
@@ -174,6 +179,11 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, plan:
     per_case: dict[str, dict] = {}
     for case in site.unlabeled:
         t0 = time.perf_counter()
+        done = out_dir / "provenance" / f"{case.case_id}.json"
+        if resume and done.exists():
+            prov = read_record(SelfTrainProvenance, done, "self-training provenance")
+            per_case[case.case_id] = {"qc": prov.accepted, "reasons": prov.reasons, **prov.stats}
+            continue
         prov_in, fused_img, fused_conf_img = None, None, None
         if sts.amplified is not None:
             p = Path(sts.amplified) / "provenance" / f"{case.case_id}.json"
@@ -209,7 +219,7 @@ def refine_site(model: torch.nn.Module, sts: SelfTrainSite, out_dir: Path, plan:
             stats=stats, qc=qc, seconds=round(time.perf_counter() - t0, 3),
         )
         write_record(prov, out_dir / "provenance" / f"{case.case_id}.json")  # last: marks the case done
-        per_case[case.case_id] = {"qc": qc.accepted, **stats}
+        per_case[case.case_id] = {"qc": qc.accepted, "reasons": qc.reasons, **stats}
     summary = {"site": site.name, "round": round_no, "per_case": per_case,
                "accepted": sum(1 for v in per_case.values() if v.get("qc")), "scans": len(site.unlabeled)}
     write_json(summary, out_dir / "selftrain.json")

@@ -28,7 +28,8 @@ def train_config_record(cfg: FederationConfig, labels: dict[str, int], plan: Pla
     ``total-steps`` (the learning-rate schedule's length), the ``plan``, ``proximal-mu`` (FedProx term, 0 unless
     strategy 'fedprox'), ``local-norm`` (FedBN: keep normalisation layers at the site),
     ``transfer-dtype``, ``partial-label-mode``/``distill-*`` (ConDistFL) and ``dp-clip``/``dp-noise-multiplier``
-    (client-side differential privacy; ``dp-clip`` 0 = off)."""
+    (client-side differential privacy; ``dp-clip`` 0 = off), ``synthesis`` (JSON, "" = off), ``selftrain-every``
+    and ``selftrain`` (amplification at the sites: :mod:`fadal.federated.site_amplification`)."""
     return ConfigRecord({
         "local-steps": cfg.local_steps,
         "total-steps": cfg.local_steps * cfg.rounds,
@@ -44,6 +45,9 @@ def train_config_record(cfg: FederationConfig, labels: dict[str, int], plan: Pla
         "distill-temperature": float(cfg.distill_temperature),
         "dp-clip": float(cfg.dp_clip or 0.0),
         "dp-noise-multiplier": float(cfg.dp_noise_multiplier),
+        "synthesis": cfg.synthesis.model_dump_json() if cfg.synthesis is not None else "",
+        "selftrain-every": int(cfg.selftrain_every),
+        "selftrain": cfg.selftrain.model_dump_json(exclude={"model", "train"}),
     })
 
 

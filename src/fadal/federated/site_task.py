@@ -20,6 +20,8 @@ Per-run options arrive in the train config (see ``server_app.train_config_record
   data-dependent scalar leaves the site: train replies carry ``num-examples`` = 1 only (every site
   weighs the same) and evaluate replies no metric (see :mod:`fadal.federated.privacy`).
 * ``transfer-dtype = float16``: arrays are sent as float16 (the server averages in float32).
+* ``synthesis`` / ``selftrain-every``: amplification at the site during the federation (synthetic
+  pairs, pseudo-labels refined by the received global model): :mod:`fadal.federated.site_amplification`.
 
 Where the site's data is:
 * deployment (``flower-supernode --node-config "data-path=... site-name=..."``): ``node_config``;
@@ -42,12 +44,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fadal.config import SitePolicy, TrainConfig, load_yaml
+from fadal.config import SelfTrainConfig, SitePolicy, SynthesisConfig, TrainConfig, load_yaml
 from fadal.records import Plan
 from fadal.data.io import PRIVATE, private_dir, save_torch
 from fadal.errors import FadalInputError, SiteRefusal
 from fadal.data.site import Site, load_site
 from fadal.federated import policy as site_policy
+from fadal.federated import site_amplification as amp
 from fadal.federated.epsilon_ledger import EpsilonLedger
 from fadal.model.engine import fit, make_sampler, seed_everything
 from fadal.model.net import build_network, norm_state_keys, pick_device
@@ -154,6 +157,9 @@ class RoundOptions:
     dp_noise_multiplier: float = 0.0
     server_round: int = 0
     run_id: int = 0
+    synthesis: SynthesisConfig | None = None
+    selftrain_every: int = 0
+    selftrain: SelfTrainConfig | None = None
 
 
 def round_options(msg: Message) -> RoundOptions:
@@ -169,6 +175,9 @@ def round_options(msg: Message) -> RoundOptions:
         dp_noise_multiplier=float(cfg.get("dp-noise-multiplier", 0.0)),
         server_round=int(cfg.get("server-round", 0)),
         run_id=int(msg.metadata.run_id or 0),
+        synthesis=SynthesisConfig.model_validate_json(str(cfg["synthesis"])) if cfg.get("synthesis") else None,
+        selftrain_every=int(cfg.get("selftrain-every", 0)),
+        selftrain=SelfTrainConfig.model_validate_json(str(cfg["selftrain"])) if cfg.get("selftrain") else None,
     )
     if opts.transfer_dtype not in ("float32", "float16"):
         raise ValueError(f"unknown transfer-dtype {opts.transfer_dtype!r}")
@@ -277,6 +286,25 @@ def organ_names(labels: dict[str, int]) -> tuple[str, ...]:
     return tuple(name for name, value in labels.items() if value != 0)
 
 
+def amplified_training_data(model: torch.nn.Module, site: Site, runtime: SiteRuntime, rc: RoundConfig,
+                            opts: RoundOptions) -> tuple[list[dict], list[torch.utils.data.Dataset]]:
+    """What this round trains on: real labels, the site's pseudo-labels (fused, or refined by a global
+    model in a self-training round and kept from then on) and synthetic pairs (see site_amplification)."""
+    baseline = runtime.amplified if runtime.use_amplified else None
+    refined = amp.refined_labels(runtime.cache_dir, opts.run_id)
+    if opts.selftrain is not None and amp.is_refinement_round(opts.server_round, opts.selftrain_every):
+        refined = amp.refine_with_global_model(model, site, baseline, runtime.cache_dir, opts.selftrain, rc.plan,
+                                               opts.run_id, opts.server_round)
+    if refined is not None:
+        items = site_training_items(site, refined, True)
+    else:
+        items = site_training_items(site, runtime.amplified, runtime.use_amplified)
+    pairs = None
+    if opts.synthesis is not None:
+        pairs = amp.synthetic_pairs(site, runtime.amplified, runtime.cache_dir, opts.synthesis, rc.plan, len(items))
+    return items, [pairs] if pairs is not None else []
+
+
 def local_train(msg: Message, runtime: SiteRuntime, secure: bool = False) -> Message:
     """One round of local training; ``secure``: called by SecAgg+ (the reply is masked before it leaves)."""
     start = time.perf_counter()
@@ -290,14 +318,14 @@ def local_train(msg: Message, runtime: SiteRuntime, secure: bool = False) -> Mes
                                runtime.policy.epsilon_budget if runtime.policy is not None else None)
     seed_everything(rc.train.seed + opts.server_round, threads)
     site = load_site_for(runtime, rc.labels)
-    items = site_training_items(site, runtime.amplified, runtime.use_amplified)
     model = model_from_message(msg, site.num_classes, rc.plan, runtime, opts)
+    items, extra = amplified_training_data(model, site, runtime, rc, opts)
     received = {k: v.detach().clone() for k, v in model.state_dict().items()}
     teacher = None
     all_known = all(len(set(it["known"]) | {0}) >= site.num_classes for it in items)
     if opts.partial_label_mode == "condist" and opts.distill_weight > 0 and not all_known:
         teacher = copy.deepcopy(model)  # the global model as received (+ this site's norm layers)
-    sampler = make_sampler(items, rc.plan, rc.train, site.num_classes, cache_dir=runtime.cache_dir / "train",
+    sampler = make_sampler(items, rc.plan, rc.train, site.num_classes, extra, cache_dir=runtime.cache_dir / "train",
                            seed=rc.train.seed + opts.server_round)
     # AdamW's moments stay at the site between rounds (on disk: a deployment starts a fresh process per message).
     opt_path = runtime.cache_dir / f"optimizer_run{opts.run_id}.pt"

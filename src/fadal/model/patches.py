@@ -30,7 +30,7 @@ from fadal.data.io import make_private, private_dir, read_record
 from fadal.data.preprocess import training_item, training_transforms
 from fadal.data.site import Site
 from fadal.errors import FadalInputError
-from fadal.records import AnyProvenance, FusionProvenance, Plan, PreprocessConfig, Provenance, SelfTrainProvenance
+from fadal.records import AmplificationReport, AnyProvenance, FusionProvenance, Plan, PreprocessConfig, Provenance, SelfTrainProvenance
 
 #: Voxel positions kept per organ and volume for foreground sampling (bounded memory).
 MAX_INDICES_PER_ORGAN = 20_000
@@ -42,6 +42,7 @@ def site_training_items(site: Site, amplified: Path | None = None, use_amplified
     organs its provenance says were fused (the others stay unknown)."""
     items = [training_item(c.image, c.label, site.annotated_ids(c)) for c in site.labeled]
     if use_amplified and amplified is not None:
+        amplified = training_label_dir(amplified)
         for case in site.unlabeled:
             label = amplified / "labels" / f"{case.case_id}.nii.gz"
             conf = amplified / "confidence" / f"{case.case_id}.nii.gz"
@@ -52,6 +53,16 @@ def site_training_items(site: Site, amplified: Path | None = None, use_amplified
             if provenance_qc_accepted(prov):
                 items.append(training_item(case.image, label, amplified_known(prov, site), conf if conf.exists() else None))
     return items
+
+
+def training_label_dir(amplified: Path) -> Path:
+    """The folder whose labels/, confidence/ and provenance/ training reads: the chain's
+    ``training_labels`` when ``amplification.json`` exists, else ``amplified`` itself (fusion only)."""
+    amplified = Path(amplified)
+    report = amplified / "amplification.json"
+    if not report.exists():
+        return amplified
+    return amplified / read_record(AmplificationReport, report, "amplification report").training_labels
 
 
 def read_provenance(path: Path) -> FusionProvenance | SelfTrainProvenance:
