@@ -25,6 +25,7 @@ class ExportOptions:
     mesh_formats: tuple[str, ...] = ("stl", "obj", "vtp")
     views: bool = True
     dicom_seg: bool = True  # only for DICOM-series inputs
+    slicer: bool = False  # <case>/<case>.seg.nrrd + scene.mrml for 3D Slicer
 
 
 def predict_case(model: torch.nn.Module, labels: dict[str, int], plan: Plan, source: Path, case_id: str,
