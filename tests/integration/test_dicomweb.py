@@ -41,6 +41,11 @@ def test_predict_through_dicomweb_stores_a_seg_matching_the_label_map(orthanc, p
     assert summary["pacs"]["ct_series"] == uids["series"]
     label = sitk.ReadImage(str(out / f"{uids['series']}.nii.gz"))
     assert (case / "meshes").is_dir() and (case / "views" / "overlay.png").is_file()
+    seg_nrrd = sitk.ReadImage(str(case / f"{uids['series']}.seg.nrrd"))  # the Slicer files of the case
+    assert np.array_equal(sitk.GetArrayFromImage(seg_nrrd), sitk.GetArrayFromImage(label))
+    assert seg_nrrd.GetMetaData("Segment0_Name") == "liver"
+    scene = (case / "scene.mrml").read_text()
+    assert "source_dicom/" in scene and f"{uids['series']}.seg.nrrd" in scene and "liver.vtp" in scene
 
     segs = _segs(orthanc, uids["study"])
     assert len(segs) == 1
