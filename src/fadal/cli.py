@@ -16,6 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 from fadal.cli_deploy import deploy_app, submit_federation
+from fadal.cli_navigation import navigation_app
 from fadal.errors import FadalInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
@@ -24,6 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # The deployment roles (certs, server, site): a typer sub-app added without a group name, so that they stay
 # `fadal certs`, `fadal server`, `fadal site`.
 app.add_typer(deploy_app)
+# `fadal predict`, `fadal export`, `fadal serve`: inference and what a hospital deploys (cli_navigation.py).
+app.add_typer(navigation_app)
 console = Console()
 
 
@@ -253,66 +256,6 @@ def _print_history(rounds) -> None:
         table.add_row(str(r.round), "–" if r.loss is None else f"{r.loss:.3f}", "–" if dice is None else f"{dice:.3f}",
                       "–" if r.seconds is None else f"{r.seconds:.1f}")
     console.print(table)
-
-
-@app.command()
-def predict(
-    inputs: list[Path] = typer.Argument(..., help="NIfTI file(s), folder(s) of NIfTI files, or DICOM series folder(s)."),
-    model: Path = typer.Option(..., help="Checkpoint (model.pt / global_model.pt)."),
-    out: Path = typer.Option(Path("predictions"), help="Output folder: <case>.nii.gz label maps in the input's geometry, "
-                             "<case>/meshes, <case>/views, <case>/seg.dcm."),
-    meshes: bool = typer.Option(True, help="Organ surface meshes (STL, OBJ, VTP; LPS world mm)."),
-    views: bool = typer.Option(True, help="3D renders (anterior, oblique) and a CT overlay PNG."),
-    dicom_seg: bool = typer.Option(True, help="DICOM-SEG next to DICOM-series inputs."),
-    largest_component: bool = typer.Option(True, help="Keep each organ's largest connected component."),
-    fill_holes: bool = typer.Option(True, help="Fill holes inside each organ."),
-    series: Optional[str] = typer.Option(None, help="SeriesInstanceUID, when a DICOM folder holds several series."),
-) -> None:
-    """Segment CT volumes and export label maps, surface meshes, views and DICOM-SEG.
-
-    Label maps are written on each input's exact voxel grid. A folder run skips finished cases."""
-    from fadal.data.io import check_readable
-    from fadal.model.infer import load_checkpoint
-    from fadal.navigation.predict import ExportOptions, predict_case
-
-    options = ExportOptions(largest_component=largest_component, fill_holes=fill_holes, meshes=meshes,
-                            views=views, dicom_seg=dicom_seg)
-    try:
-        net, labels, the_plan, _ = load_checkpoint(model)
-        files = _expand_inputs(inputs, series)
-        for _, path in files:  # every input checked before the first case is written
-            check_readable(path)
-        with _progress() as prog:
-            task = prog.add_task("cases", total=len(files))
-            for case_id, path in files:
-                done = out / case_id / "summary.json"
-                if done.exists() and done.stat().st_mtime > path.stat().st_mtime:
-                    prog.advance(task)
-                    continue
-                prog.update(task, description=case_id)
-                predict_case(net, labels, the_plan, path, case_id, out, options, series_uid=series)
-                prog.advance(task)
-    except FadalInputError as err:
-        _fail(err)
-    console.print(f"{len(files)} case(s) in {out} (labels: {', '.join(k for k in labels if labels[k])})")
-
-
-def _expand_inputs(inputs: list[Path], series: str | None = None) -> list[tuple[str, Path]]:
-    from fadal.data.site import IMAGE_SUFFIXES, strip_suffix
-
-    found: list[tuple[str, Path]] = []
-    for p in inputs:
-        if not p.exists():
-            raise FadalInputError(f"{p}: not found")
-        if p.is_dir():
-            vols = sorted(f for f in p.iterdir() if f.name.endswith(IMAGE_SUFFIXES))
-            if vols:
-                found += [(strip_suffix(f.name).removesuffix("_0000"), f) for f in vols]
-            else:  # a DICOM series folder (read, and checked, when its turn comes)
-                found.append((p.name, p))
-        else:
-            found.append((strip_suffix(p.name).removesuffix("_0000"), p))
-    return found
 
 
 @app.command()

@@ -378,3 +378,36 @@ class FederationHistory(_Record):
     def report_rounds(self) -> list[dict[str, Any]]:
         """The rounds as the report's ``history`` takes them (:func:`fadal.evaluate.report.write_report`)."""
         return [r.model_dump(exclude_none=True) for r in self.rounds]
+
+
+# ------------------------------------------------------------------ training -> deployment (model package)
+
+class GraphCheck(_Record):
+    """The export-time check of a package's graph against the eager model it was made from."""
+
+    volume: str = Field(description="The test volume the check ran on (its shape and where it came from).")
+    windows: int = Field(description="Sliding windows the check volume took (more than one checks the blending).")
+    max_abs_logit_diff: float = Field(description="Largest |graph - eager| over every logit of the volume.")
+    tolerance: float = Field(description="The largest difference accepted.")
+    labels_identical: bool = Field(description="Whether both label maps are equal voxel for voxel.")
+    passed: bool
+
+
+class ModelPackageManifest(_Record):
+    """``manifest.json`` of a deployable model package (`fadal export`): what each file is, the plan and label
+    set inference needs, and the export-time check of the graph. Read by :mod:`fadal.navigation.model_package`."""
+
+    schema_version: int = 1
+    format: Literal["fadal-model-package"] = "fadal-model-package"
+    fadal_version: str
+    torch_version: str
+    created: str = Field(description="UTC time of the export, ISO 8601.")
+    source_checkpoint: str = Field(description="File name of the checkpoint the package was exported from.")
+    labels: dict[str, int]
+    plan: Plan
+    graph: str = Field(description="The torch.export program (.pt2; runs without FADAL's training stack).")
+    graph_format: Literal["torch.export"] = "torch.export"
+    graph_input_shape: tuple[int, int, int, int, int] = Field(description="(1, 1, *patch): the window it takes.")
+    weights: str = Field(description="The eager weights as a FADAL checkpoint (readable by `fadal predict`).")
+    sha256: dict[str, str] = Field(description="File name -> SHA-256 of every other file in the package.")
+    check: GraphCheck

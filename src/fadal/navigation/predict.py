@@ -25,6 +25,7 @@ class ExportOptions:
     mesh_formats: tuple[str, ...] = ("stl", "obj", "vtp")
     views: bool = True
     dicom_seg: bool = True  # only for DICOM-series inputs
+    slicer: bool = False  # <case>/<case>.seg.nrrd + scene.mrml for 3D Slicer
 
 
 def predict_case(model: torch.nn.Module, labels: dict[str, int], plan: Plan, source: Path, case_id: str,
@@ -76,7 +77,31 @@ def predict_case(model: torch.nn.Module, labels: dict[str, int], plan: Plan, sou
         outputs["dicom_seg"] = str(write_dicom_seg(label, Path(source), labels, case_dir / "seg.dcm",
                                                    series_uid=series_uid))
         timings["dicom_seg"] = time.perf_counter() - t
+    if options.slicer:
+        t = time.perf_counter()
+        outputs.update(_slicer_files(label, labels, Path(source), series_uid, case_dir, case_id,
+                                     outputs.get("meshes", {})))
+        timings["slicer"] = time.perf_counter() - t
     summary = {"case": case_id, "source": str(source), "outputs": outputs, "seconds": timings,
                "organs": sorted(meshes)}
     write_json(summary, case_dir / "summary.json")
     return summary
+
+
+def _slicer_files(label, labels: dict[str, int], source: Path, series_uid: str | None, case_dir: Path, case_id: str,
+                  meshes: dict[str, list[str]]) -> dict[str, str]:
+    """``<case>.seg.nrrd`` and ``scene.mrml`` (the CT: the input file, or a DICOM series' first file, which
+    Slicer's volume reader takes as the series' archetype)."""
+    from fadal.navigation.render import organ_color
+    from fadal.navigation.slicer import write_scene, write_seg_nrrd
+
+    seg = write_seg_nrrd(label, labels, case_dir / f"{case_id}.seg.nrrd")
+    ct = source
+    if source.is_dir():
+        from fadal.data.dicom import list_series
+
+        series = list_series(source)
+        ct = Path(series[series_uid][0] if series_uid in series else next(iter(series.values()))[0])
+    vtp = {name: Path(p) for name, paths in meshes.items() for p in paths if str(p).endswith(".vtp")}
+    scene = write_scene(case_dir / "scene.mrml", ct, seg, vtp, {name: organ_color(name) for name in vtp})
+    return {"slicer_segmentation": str(seg), "slicer_scene": str(scene)}
