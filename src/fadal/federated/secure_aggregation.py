@@ -44,8 +44,8 @@ from flwr.supercore import log
 
 from fadal.config import FederationConfig
 from fadal.federated.planning import federation_plan
-from fadal.federated.rounds import (evaluate_round, load_strategy_state, resume_point, save_round,
-                                    train_config_record)
+from fadal.federated.rounds import (ANSWERED, FAILED, evaluate_round, load_strategy_state, resume_point,
+                                    save_round, train_config_record, write_live_page)
 from fadal.federated.strategies import build_strategy
 from fadal.model.engine import seed_everything
 from fadal.model.net import build_network
@@ -69,6 +69,9 @@ class SecureFedAvg(LegacyFedAvg):
         entry.sites = len(results)
         entry.failures = len(failures)
         self.last_sites = [p.node_id for p, _ in results]
+        # A failure is a (proxy, FitRes) with an error status or an exception without a site to name.
+        entry.site_status = {**{str(p.node_id): ANSWERED for p, _ in results},
+                             **{str(f[0].node_id): FAILED for f in failures if isinstance(f, tuple)}}
         if results:
             total = sum(r.num_examples for _, r in results)
             entry.loss = sum(r.num_examples * float(r.metrics.get("train-loss", np.nan)) for _, r in results) / total
@@ -204,6 +207,10 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
             evaluate_round(evaluator, grid, rnd, ArrayRecord(model.state_dict()), record, cfg.round_timeout)
             entry.seconds = time.perf_counter() - t0
             save_round(model, cfg, plan, labels, history, rnd, evaluator)
+            write_live_page(cfg, history, "finished" if rnd == cfg.rounds else "running")
+    except Exception as err:
+        write_live_page(cfg, history, "stopped", str(err))
+        raise
     finally:
         stop.set()
         thread.join()
