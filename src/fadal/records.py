@@ -344,6 +344,9 @@ class RoundEntry(_Record):
     client_seconds_sum: float | None = None
     client_seconds_per_site: dict[str, float] | None = None
     startup_seconds_per_site: dict[str, float] | None = None
+    site_status: dict[str, str] | None = Field(None, description="Flower node id -> 'answered', 'failed' (an "
+                                                "error reply) or 'no reply' (timed out, disconnected): the "
+                                                "round's training messages.")
     bytes_down: int | None = None
     bytes_down_per_site: dict[str, int] | None = None
     bytes_up: int | None = None

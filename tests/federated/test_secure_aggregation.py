@@ -124,7 +124,7 @@ def test_secure_train_replies_fitres_and_refuses_clipping(tmp_path):
 
     from fadal.errors import FadalInputError
     from fadal.federated.site_task import ALLOWED_METRICS
-    from fadal.federated.secure_aggregation import is_secure_train, secure_train
+    from fadal.federated.secure_aggregation_site import is_secure_train, secure_train
 
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, n_labeled=(2, 2))

@@ -23,19 +23,28 @@ from fadal.records import FederationHistory
 
 
 class LocalGrid(Grid):
-    """Node ``i`` is ``sites[i]``; nodes in ``dead`` answer like a SuperNode that vanished."""
+    """Node ``i`` is ``sites[i]``; nodes in ``dead`` answer like a SuperNode that vanished, nodes in
+    ``silent`` not at all (a reply lost with its connection); ``pages`` keeps ``out/report.html`` as each
+    train round begins (the live page of the rounds before)."""
 
-    def __init__(self, sites: list[SiteRuntime], dead: tuple[int, ...] = ()) -> None:
-        self.sites, self.dead, self.sent = sites, set(dead), 0
+    def __init__(self, sites: list[SiteRuntime], dead: tuple[int, ...] = (), silent: tuple[int, ...] = (),
+                 out=None) -> None:
+        self.sites, self.dead, self.silent, self.sent = sites, set(dead), set(silent), 0
+        self.out, self.pages = out, []
 
     def get_node_ids(self):
         return list(range(len(self.sites)))
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
+        if self.out is not None and messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            page = self.out / "report.html"
+            self.pages.append(page.read_text() if page.exists() else None)
         for msg in messages:
             self.sent += 1
             node = msg.metadata.dst_node_id
+            if node in self.silent:
+                continue
             if node in self.dead:
                 replies.append(Message(error=Error(code=0, reason="node_unavail"), reply_to=msg))
             elif msg.metadata.message_type == MessageType.TRAIN:
@@ -139,3 +148,29 @@ def test_server_state_is_plain_data_loaded_with_weights_only(tmp_path):
     stale = build_strategy(cfg, 1, {}, num_sites=2)
     load_strategy_state(stale, path, 3)  # another round's state: starts afresh
     assert stale.m_t is None and stale.privacy.releases == {}
+
+
+def test_the_live_page_shows_each_sites_status_after_every_round(tmp_path):
+    """report.html is rewritten after every round: the page of round 1 of 2 reloads itself and says which
+    site answered, failed or never replied; the finished page stops reloading; a stopped run says why."""
+    cfg, sites = _setup(tmp_path, 4, min_sites=2)
+    cfg = cfg.model_copy(update={"rounds": 2})
+    grid = LocalGrid(sites, dead=(2,), silent=(3,), out=cfg.out)
+    history = run_federation(grid, cfg, LABELS, 4)
+    assert history.rounds[0].site_status == {"0": "answered", "1": "answered", "2": "failed", "3": "no reply"}
+    assert grid.pages[0] is None  # nothing before round 1
+    mid = grid.pages[1]
+    assert '<meta http-equiv="refresh"' in mid and 'data-run-state="running"' in mid
+    assert "Running: 1 of 2 rounds done" in mid
+    for status in ("answered", "failed", "no reply"):
+        assert f"<td>{status}</td>" in mid
+    assert "1 of 1" in mid  # site 0 answered the one round that asked it
+    final = (cfg.out / "report.html").read_text()
+    assert 'data-run-state="finished"' in final and "http-equiv" not in final
+    assert "Finished: 2 of 2 rounds done" in (cfg.out / "report.md").read_text()
+
+    strict = cfg.model_copy(update={"min_sites": 0, "rounds": 3, "out": tmp_path / "strict"})
+    with pytest.raises(RuntimeError, match="2 of 4 sites answered"):
+        run_federation(LocalGrid(sites, dead=(2,), silent=(3,)), strict, LABELS, 4)
+    stopped = (strict.out / "report.html").read_text()
+    assert 'data-run-state="stopped"' in stopped and "2 of 4 sites answered" in stopped

@@ -38,6 +38,8 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process bookkee
 
 SITES = ["site_A", "site_B", "site_C"]
 REPO = Path(__file__).resolve().parents[2]
+#: sitecustomize.py with the test hooks (short heartbeats, slow training) for one SuperNode and its ClientApps.
+HOOKS = Path(__file__).resolve().parent / "flower_hooks"
 
 
 def free_port() -> int:
@@ -90,12 +92,34 @@ class Federation:
         self.nodes[name] = self._supernode(name, self.certs["sites"][name], self.node_ports[name], name)
         return self.nodes[name]
 
-    def _supernode(self, name: str, certs: Path, port: int, label: str) -> object:
-        proc = processes.start_supernode(certs, f"127.0.0.1:{self.port}", self.data[name], name, port,
+    def _supernode(self, name: str, certs: Path, port: int, label: str, superlink_port: int | None = None) -> object:
+        proc = processes.start_supernode(certs, f"127.0.0.1:{superlink_port or self.port}", self.data[name], name, port,
                                       self.root / f"flwr-{label}", cache_dir=self.root / "cache" / label,
                                       log=self.root / f"{label}.log")
         self.started.append(proc)
         return proc
+
+    def restart_node(self, name: str, superlink_port: int | None = None, heartbeat_s: float | None = None,
+                     slow_flag: Path | None = None) -> object:
+        """Site ``name``'s SuperNode again, with the hooks of flower_hooks/sitecustomize.py (Flower's heartbeat
+        interval, slow training while ``slow_flag`` exists), optionally dialling another port (a LinkCut)."""
+        self.stop_node(name)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(HOOKS), os.environ.get("PYTHONPATH")) if p))
+            if heartbeat_s is not None:
+                mp.setenv("FADAL_TEST_HEARTBEAT_S", str(heartbeat_s))
+            if slow_flag is not None:
+                mp.setenv("FADAL_TEST_SLOW_FLAG", str(slow_flag))
+            self.nodes[name] = self._supernode(name, self.certs["sites"][name], self.node_ports[name], name,
+                                               superlink_port=superlink_port)
+        return self.nodes[name]
+
+    def stop_node(self, name: str) -> None:
+        """Stop a SuperNode cleanly (Flower deactivates it); ``ensure_running`` starts a plain one again."""
+        node = self.nodes.pop(name, None)
+        if node is not None and node.poll() is None:
+            self.descendants.update(processes.descendants(node.pid))
+            processes.stop([node])
 
     def ensure_running(self) -> None:
         if self.link is None or self.link.poll() is not None:
@@ -161,6 +185,71 @@ class Federation:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
+
+
+class LinkCut:
+    """A TCP relay between one SuperNode and the SuperLink whose cable a test can pull: ``cut()`` resets the
+    open connections (a request under way breaks off) and refuses new ones until ``restore()``. TLS passes
+    through untouched."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target, self.conns = target_port, []
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                near, _ = server.accept()
+            except OSError:
+                return  # closed: cut or done
+            try:
+                far = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                near.close()
+                continue
+            with self.lock:
+                self.conns += [near, far]
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        try:  # shutdown first: close() alone does not wake a thread blocked in accept(), which would go on
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.server.close()
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def close(self) -> None:
+        self.cut()
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +404,73 @@ def test_coordinator_crash_then_restart_resumes_from_last_round(running):
     assert all(r["sites"] == 3 for r in history["rounds"])
     assert (out / "checkpoints" / "round_001.pt").stat().st_mtime_ns == round1_written  # round 1 not redone
     assert checkpoint_round(out / "global_model.pt") == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Long rounds and flaky links (Flower's heartbeats shortened to 10 s for one site, so that outlasting
+# them takes seconds: the SuperLink marks a SuperNode offline, and a SuperNode its ClientApp, after 2
+# missed heartbeats, i.e. 20 s here and 60 s by default)
+# --------------------------------------------------------------------------------------------------
+
+def test_a_round_longer_than_the_heartbeat_limits_still_delivers(running):
+    """site_B's local training takes 30 s longer than usual, 1.5 x the 20 s the SuperLink and its SuperNode
+    wait for a heartbeat: heartbeats go on while it trains, and its update arrives and is aggregated."""
+    flag = running.root / "slow_B"
+    flag.write_text("30")
+    try:
+        running.restart_node("site_B", heartbeat_s=10, slow_flag=flag)
+        t0 = time.monotonic()
+        result = running.submit(running.config("long_round", rounds=1))
+        assert result["ok"], f"{result['status']} {result.get('status-details')}\n{result['log'][-4000:]}\n{running.logs()}"
+        (r1,) = json.loads((running.out("long_round") / "history.json").read_text())["rounds"]
+        assert (r1["sampled"], r1["sites"], r1["failures"]) == (3, 3, 0)
+        assert set(r1["site_status"].values()) == {"answered"}
+        assert max(r1["client_seconds_per_site"].values()) >= 30  # the slow site's round did last that long
+        print(f"long round: {time.monotonic() - t0:.0f} s")
+    finally:
+        flag.unlink(missing_ok=True)
+        running.stop_node("site_B")
+
+
+def test_a_site_loses_its_network_mid_round_and_rejoins(running):
+    """min_sites=2: site_C's network goes while it trains in round 2 (its reply cannot leave) and stays down
+    for 35 s, past its 20 s heartbeat limit: round 2 is aggregated over site_A and site_B. The link comes
+    back, the SuperNode reconnects by itself, and the same run resumed for a third round has all three."""
+    cable, flag = LinkCut(running.port), running.root / "slow_C"
+    try:
+        running.restart_node("site_C", superlink_port=cable.port, heartbeat_s=10, slow_flag=flag)
+        out = running.out("flaky")
+        t0 = time.monotonic()
+        thread, box = running.submit_in_background(running.config("flaky", min_sites=2))
+        wait_for(lambda: (out / "checkpoints" / "round_001.pt").exists() or not thread.is_alive(), 240, "round 1")
+        flag.write_text("15")  # round 2: site_C trains 15 s longer, and the cable goes once it has started
+        wait_for(lambda: Path(f"{flag}.started").exists() or not thread.is_alive(), 120, "site_C's round 2")
+        cable.cut()
+        print(f"cut at {time.monotonic() - t0:.0f} s")
+        time.sleep(35)  # its reply is due at 15 s, in the outage; its 20 s heartbeat window passes too
+        cable.restore()
+        print(f"restored at {time.monotonic() - t0:.0f} s")
+        flag.unlink()
+        thread.join(300)
+        assert not thread.is_alive() and "error" not in box, box
+        result = box["result"]
+        assert result["ok"], f"{result['status']} {result.get('status-details')}\n{result['log'][-4000:]}\n{running.logs()}"
+        r1, r2 = json.loads((out / "history.json").read_text())["rounds"]
+        assert (r1["sites"], r1["failures"]) == (3, 0)
+        assert (r2["sampled"], r2["sites"], r2["failures"]) == (3, 2, 1)
+        assert sorted(r2["site_status"].values()) == ["answered", "answered", sorted(
+            set(r2["site_status"].values()) - {"answered"})[0]]
+        assert "no reply" in (out / "report.html").read_text() or "failed" in (out / "report.html").read_text()
+        print(f"flaky link, 2 rounds: {time.monotonic() - t0:.0f} s")
+
+        # Rejoined: the same run, one round more, with every site (min_sites 0 = all three).
+        result = running.submit(running.config("flaky", rounds=3, min_sites=0), timeout=180)
+        assert result["ok"], f"{result['status']} {result.get('status-details')}\n{result['log'][-4000:]}\n{running.logs()}"
+        rounds = json.loads((out / "history.json").read_text())["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[2]["sites"] == 3
+        assert running.nodes["site_C"].poll() is None  # the SuperNode rode out the outage
+        print(f"flaky link, with the rejoin round: {time.monotonic() - t0:.0f} s")
+    finally:
+        cable.close()
+        flag.unlink(missing_ok=True)
+        running.stop_node("site_C")

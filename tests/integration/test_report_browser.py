@@ -56,3 +56,29 @@ def test_report_renders_without_script_errors(report, tmp_path):
     pixels = sitk.GetArrayFromImage(sitk.ReadImage(str(shot)))
     assert pixels.shape[:2] == (1600, 1200)
     assert float(np.std(pixels)) > 10  # not a blank page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
+def test_a_mid_run_page_shows_each_sites_status(tmp_path):
+    """The live page of a federation after round 1 of 3 (before any federated evaluation): it loads without
+    script errors, reloads itself, and the browser shows each site's status and its training seconds."""
+    from fadal.config import FederationConfig, SiteSpec
+    from fadal.evaluate.live import live_federation_page
+    from fadal.records import FederationHistory, RoundEntry
+
+    cfg = FederationConfig(sites=[SiteSpec(name=n, data=tmp_path / n) for n in ("a", "b", "c")], rounds=3,
+                           out=tmp_path / "run")
+    history = FederationHistory(rounds=[RoundEntry(
+        round=1, loss=0.9, seconds=61.0, sampled=3, sites=2, failures=1,
+        site_status={"1111": "answered", "2222": "answered", "3333": "no reply"},
+        train_seconds_per_site={"1111": 40.5, "2222": 52.25})])
+    page = live_federation_page(cfg, history)
+    dom = _chromium("--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert re.search(r'data-js-errors="0"', html), "script errors while loading the live page"
+    assert 'http-equiv="refresh"' in html and 'data-run-state="running"' in html
+    assert "Running: 1 of 3 rounds done" in html and "to go" in html
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"<tr[^>]*><td>(\d{4})</td><td>([a-z ]+)</td>", html)}
+    assert rows == {"1111": "answered", "2222": "answered", "3333": "no reply"}
+    assert "52.2" in html or "52.3" in html  # site 2222's training seconds

@@ -1,5 +1,6 @@
 """The report of a finished federation: every site's held-out scores where the data is here (simulation),
-the federated evaluation the coordinator received otherwise (deployment)."""
+the federated evaluation the coordinator received otherwise (deployment). While it runs, the live page
+(:mod:`fadal.evaluate.live`) stands in its place."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from fadal.config import FederationConfig
 from fadal.data.io import write_json
 from fadal.data.site import load_site
 from fadal.evaluate.evaluate import evaluate_model_on_cases
+from fadal.evaluate.live import federated_evaluation, rounds_done
 from fadal.evaluate.metrics_document import metrics_document
-from fadal.evaluate.report import write_report
+from fadal.evaluate.report import RunStatus, write_report
 from fadal.model.infer import load_checkpoint
 from fadal.model.net import pick_device
 from fadal.records import FederationHistory
@@ -49,12 +51,10 @@ def federation_report(cfg: FederationConfig, history: FederationHistory, evaluat
         if results:
             doc = metrics_document({name: results})
     if doc is None:
-        scored = [r for r in history.rounds if r.dice]
-        if scored:
-            last = scored[-1]
-            organs = {o: {"dice": v} for o, v in last.dice.items()}
-            doc = {"variants": {name: {f"sites (federated evaluation, round {last.round})": organs}}}
+        doc = federated_evaluation(name, history)
     if doc is None:
         return None
     write_json(doc, out / "metrics.json")
-    return write_report(out, doc, history={name: history.report_rounds()}, title=f"FADAL federation: {out.name}")
+    return write_report(out, doc, history={name: history.report_rounds()}, title=f"FADAL federation: {out.name}",
+                        status=RunStatus("finished", rounds_done(history), cfg.rounds))
+

@@ -8,6 +8,9 @@ Input formats (produced elsewhere in FADAL):
 * ``amplification``: ``{site: {"scans": int, "accepted": int, "rejected": int,
   "mean_confidence": {organ: float}, "seconds": float}}``.
 * ``overlays``: ``[(png_path, caption), ...]``.
+* ``status``: a :class:`RunStatus` for a federation's live page (rewritten after every round while it runs,
+  reloading itself in the browser): progress and each site's status first; ``metrics`` may then hold no
+  variant yet.
 
 The HTML embeds every image as a base64 PNG and its CSS inline: it opens anywhere, offline, and can be mailed as
 one file. Every file is written atomically (temporary file, then ``os.replace``). Tables live in
@@ -28,8 +31,9 @@ from typing import Any
 from fadal.data.io import atomic_write_bytes, write_json
 from fadal.evaluate.metrics_document import variant_sites, variants_of
 from fadal.evaluate.plots import plot_confidence, plot_dice_bars, plot_history
-from fadal.evaluate.tables import (METRICS, amplification_table, communication_tables, fmt_int, has_metric,
-                                   metric_table, per_case_tables, summary_table, training_table)
+from fadal.evaluate.tables import (METRICS, amplification_table, communication_tables, fmt_duration, fmt_int,
+                                   has_metric, metric_table, per_case_tables, site_status_table, summary_table,
+                                   training_table)
 
 _CSS = """
 :root { --fg:#1f2328; --muted:#59636e; --line:#d1d9e0; --zebra:#f6f8fa; --best:#dafbe1; --accent:#0969da; }
@@ -58,6 +62,8 @@ figcaption { color:var(--muted); font-size:0.9em; margin-top:4px; }
 details { margin:6px 0; }
 summary { cursor:pointer; color:var(--accent); }
 .note { color:var(--muted); font-style:italic; }
+tr.failed td { background:#ffebe9; }
+.run-state { font-weight:600; }
 """
 
 
@@ -65,6 +71,18 @@ summary { cursor:pointer; color:var(--accent); }
 _ERROR_PROBE = ("<script>document.documentElement.dataset.jsErrors='0';"
                 "window.addEventListener('error',function(){var d=document.documentElement.dataset;"
                 "d.jsErrors=String(Number(d.jsErrors)+1);});</script>\n")
+
+
+@dataclass
+class RunStatus:
+    """Where a federation stands, for its live page: ``state`` is ``running`` (the page reloads itself every
+    ``refresh_seconds``), ``finished`` or ``stopped`` (``detail`` says why)."""
+
+    state: str
+    rounds_done: int
+    rounds_total: int
+    detail: str = ""
+    refresh_seconds: int = 30
 
 
 @dataclass
@@ -103,6 +121,7 @@ def write_report(
     overlays: list[tuple[Path, str]] | None = None,
     title: str = "FADAL report",
     viewer: str | None = None,
+    status: RunStatus | None = None,
 ) -> dict[str, Path]:
     """Write ``out_dir/report.html``, ``out_dir/report.md`` and the plots as PNGs in ``out_dir/plots/``.
 
@@ -112,11 +131,16 @@ def write_report(
     "plots_dir": .., "plot_<name>": ..}``.
     """
     out_dir = Path(out_dir)
-    variants = variants_of(metrics)
     plots = _Plots(out_dir / "plots")
-    summary = summary_table(variants)
-    sections = [_Section("summary", "Summary", [summary.html()], [summary.markdown()]),
-                _organ_section(variants, plots)]
+    sections: list[_Section] = []
+    if status is not None:
+        sections.append(_status_section(status, history or {}))
+    variants: Mapping[str, Any] = {}
+    if status is None or (metrics or {}).get("variants"):  # a live page may come before any evaluation
+        variants = variants_of(metrics)
+        summary = summary_table(variants)
+        sections += [_Section("summary", "Summary", [summary.html()], [summary.markdown()]),
+                     _organ_section(variants, plots)]
     if history:
         sections += _training_sections(history, plots)
     if amplification:
@@ -125,14 +149,15 @@ def write_report(
         sections.append(_overlay_section(overlays, out_dir))
     if viewer:  # an HTML fragment from fadal.navigation.viewer (interactive, HTML only)
         sections.append(_Section("viewer", "3D organ view", [viewer], ["*Interactive 3D view: open report.html.*"]))
-    per_case = metrics.get("per_case") or {}
+    per_case = (metrics or {}).get("per_case") or {}
     if per_case:
         sections.append(_per_case_section(per_case))
 
     stamp = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+    refresh = status.refresh_seconds if status is not None and status.state == "running" else None
     paths = dict(plots.paths)
     paths["html"] = atomic_write_bytes(out_dir / "report.html",
-                                       _html_page(title, stamp, variants, sections).encode("utf-8"))
+                                       _html_page(title, stamp, variants, sections, refresh).encode("utf-8"))
     paths["markdown"] = atomic_write_bytes(out_dir / "report.md",
                                            _markdown_page(title, stamp, variants, sections).encode("utf-8"))
     paths["plots_dir"] = plots.folder
@@ -152,6 +177,31 @@ def write_run_report(out: Path, metrics: dict, history: dict | None = None, ampl
 
 
 # --------------------------------------------------------------------------------------------- sections
+
+
+def _status_section(status: RunStatus, history: Mapping[str, Sequence[Mapping[str, Any]]]) -> _Section:
+    """Progress (rounds done, last round's time, time left at the mean round time) and each site's status."""
+    section = _Section("status", "Run status")
+    entries = next(iter(history.values()), [])
+    secs = [float(e["seconds"]) for e in entries if e.get("seconds") is not None]
+    words = {"running": "Running", "finished": "Finished", "stopped": "Stopped"}.get(status.state, status.state)
+    text = f"{words}: {status.rounds_done} of {status.rounds_total} rounds done"
+    if secs:
+        text += f"; last round {fmt_duration(secs[-1])}"
+        left = status.rounds_total - status.rounds_done
+        if status.state == "running" and left > 0:
+            text += f", about {fmt_duration(left * sum(secs) / len(secs))} to go"
+    text += "."
+    if status.detail:
+        text += f" {status.detail}"
+    if status.state == "running":
+        text += f" This page reloads itself every {status.refresh_seconds} s."
+    section.add(f'<p class="run-state" data-run-state="{html.escape(status.state)}">{html.escape(text)}</p>',
+                f"**{_md_text(text)}**")
+    t = site_status_table(entries)
+    if t is not None:
+        section.add(t.html(), t.markdown())
+    return section
 
 
 def _organ_section(variants: Mapping[str, Any], plots: _Plots) -> _Section:
@@ -229,7 +279,8 @@ def _per_case_section(per_case: Mapping[str, Any]) -> _Section:
 # --------------------------------------------------------------------------------------------- pages
 
 
-def _html_page(title: str, stamp: str, variants: Mapping[str, Any], sections: list[_Section]) -> str:
+def _html_page(title: str, stamp: str, variants: Mapping[str, Any], sections: list[_Section],
+               refresh: int | None = None) -> str:
     e = html.escape
     sites = variant_sites(variants)
     nav = "".join(f'<a href="#{s.sid}">{e(s.heading)}</a>' for s in sections)
@@ -240,7 +291,8 @@ def _html_page(title: str, stamp: str, variants: Mapping[str, Any], sections: li
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{e(title)}</title>\n<style>{_CSS}</style>\n{_ERROR_PROBE}</head>\n<body>\n<main>\n"
+        + (f'<meta http-equiv="refresh" content="{int(refresh)}">\n' if refresh else "")
+        + f"<title>{e(title)}</title>\n<style>{_CSS}</style>\n{_ERROR_PROBE}</head>\n<body>\n<main>\n"
         f'<h1>{e(title)}</h1>\n<p class="meta">{meta}</p>\n<nav>{nav}</nav>\n{body}\n</main>\n</body>\n</html>\n'
     )
 

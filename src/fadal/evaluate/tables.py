@@ -186,6 +186,38 @@ def communication_tables(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> 
     return out
 
 
+#: A site's part in one round, as the server saw it (:attr:`fadal.records.RoundEntry.site_status`).
+ANSWERED, FAILED, NO_REPLY = "answered", "failed", "no reply"
+
+
+def site_status_table(entries: Sequence[Mapping[str, Any]]) -> Table | None:
+    """Per site (Flower node id, last digits): its status in the last round that asked it, the rounds it
+    answered of those that asked it, its training seconds in its last answered round and the median over
+    rounds. Aggregate only, as the server holds it: nothing per case. None before any round was recorded."""
+    def statuses(e: Mapping[str, Any]) -> dict[str, str]:
+        known = dict(e.get("site_status") or {})
+        for node in e.get("train_seconds_per_site") or {}:  # histories from before site_status was recorded
+            known.setdefault(node, ANSWERED)
+        return known
+
+    nodes = ordered_union(list(statuses(e)) for e in entries)
+    if not nodes:
+        return None
+    t = Table(["site", "status", "last round", "answered", "train s (last)", "train s (median)"], numeric_from=2,
+              caption="Per site (Flower node id, last digits): status in the last round that asked it, rounds "
+                      "answered of those that asked it, local training seconds.")
+    for node in nodes:
+        seen = [(e.get("round"), statuses(e)[node]) for e in entries if node in statuses(e)]
+        secs = [float(e["train_seconds_per_site"][node]) for e in entries
+                if node in (e.get("train_seconds_per_site") or {})]
+        last_round, last = seen[-1]
+        answered = sum(st == ANSWERED for _, st in seen)
+        t.add([node[-6:], last, str(last_round), f"{answered} of {len(seen)}",
+               f"{secs[-1]:.1f}" if secs else DASH, f"{float(np.median(secs)):.1f}" if secs else DASH],
+              row_class="" if last == ANSWERED else "failed")
+    return t
+
+
 def amplification_table(amplification: Mapping[str, Mapping[str, Any]]) -> Table:
     """Per site: scans amplified, accepted/rejected by QC, mean confidence, time."""
     t = Table(["site", "scans", "accepted", "rejected", "accepted %", "mean confidence", "time"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fadal.federated.secure_aggregation import is_secure_train, secagg_when_asked, secure_train
+from fadal.federated.secure_aggregation_site import is_secure_train, secagg_when_asked, secure_train
 from fadal.federated.site_errors import opaque_errors
 from fadal.federated.site_task import (SiteRuntime, local_evaluate, local_fingerprint, local_train,
                                        site_from_node_config)

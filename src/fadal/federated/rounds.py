@@ -20,6 +20,9 @@ from fadal.errors import FadalInputError
 from fadal.model.infer import read_checkpoint, save_checkpoint
 from fadal.records import FederationHistory, Plan
 
+#: What :func:`site_status` records (the same words as :mod:`fadal.evaluate.tables` shows).
+ANSWERED, FAILED, NO_REPLY = "answered", "failed", "no reply"
+
 
 def train_config_record(cfg: FederationConfig, labels: dict[str, int], plan: Plan) -> ConfigRecord:
     """Everything a site needs to train the same network the same way (no data, no paths).
@@ -112,6 +115,29 @@ def evaluate_round(strategy, grid: Grid, rnd: int, arrays: ArrayRecord, record: 
     evaluate = list(strategy.configure_evaluate(rnd, arrays, record, grid))
     if evaluate:
         strategy.aggregate_evaluate(rnd, grid.send_and_receive(evaluate, timeout=timeout))
+
+
+def site_status(messages, replies) -> dict[str, str]:
+    """Each asked site's part in the round (Flower node id -> answered / failed / no reply): a site whose
+    reply is an error failed; one with no reply at all timed out or lost its connection."""
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    out: dict[str, str] = {}
+    for m in messages:
+        reply = by_node.get(m.metadata.dst_node_id)
+        out[str(m.metadata.dst_node_id)] = NO_REPLY if reply is None else FAILED if reply.has_error() else ANSWERED
+    return out
+
+
+def write_live_page(cfg: FederationConfig, history: FederationHistory, state: str = "running",
+                    detail: str = "") -> None:
+    """The run's live ``report.html`` (:func:`fadal.evaluate.live.live_federation_page`); a page that
+    cannot be written is logged, never the end of the run."""
+    try:
+        from fadal.evaluate.live import live_federation_page  # matplotlib only once a round is done
+
+        live_federation_page(cfg, history, state, detail)
+    except Exception as err:  # noqa: BLE001 - the page is a view; the run and its checkpoints go on
+        log(WARNING, "live run page not written: %s: %s", type(err).__name__, err)
 
 
 def save_round(model: torch.nn.Module, cfg: FederationConfig, plan: Plan, labels: dict[str, int],

@@ -9,9 +9,10 @@ replies on the site). The rest of FADAL uses the Message API, so this module tra
   every round, federated evaluation through the Message-API strategy), but each training round is
   one ``SecAggPlusWorkflow`` call. The server only receives masked integer vectors; after the
   unmask stage it holds the example-weighted mean of the sites' models and nothing else.
-* Site (:func:`secure_train`): the legacy ``FitIns`` is turned into the message
+* Site (:func:`fadal.federated.secure_aggregation_site.secure_train`, a module of its own so that the
+  ClientApp imports none of the server's code): the legacy ``FitIns`` is turned into the message
   :func:`fadal.federated.site_task.local_train` expects, and its reply (allow-listed metrics +
-  arrays) into a ``FitRes``. ``secaggplus_mod`` (installed by :func:`secagg_when_asked`) then
+  arrays) into a ``FitRes``. ``secaggplus_mod`` (installed by ``secagg_when_asked``) then
   weights, quantises and masks the arrays and strips them from the reply; only the masked vector
   and the scalar metrics leave the site.
 
@@ -26,15 +27,11 @@ import json
 import time
 from logging import INFO
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
-from flwr.app.message_type import MessageType
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.compat.app_utils import start_update_client_manager_thread
@@ -45,81 +42,14 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from flwr.client.mod import secaggplus_mod
-
-from fadal.config import FederationConfig, SitePolicy
-from fadal.errors import FadalInputError
+from fadal.config import FederationConfig
 from fadal.federated.planning import federation_plan
-from fadal.federated.policy import check_secagg_setup
-from fadal.federated.rounds import (evaluate_round, load_strategy_state, resume_point, save_round,
-                                    train_config_record)
-from fadal.federated.site_task import SiteRuntime, admit, local_train, round_config, round_options
+from fadal.federated.rounds import (ANSWERED, FAILED, evaluate_round, load_strategy_state, resume_point,
+                                    save_round, train_config_record, write_live_page)
 from fadal.federated.strategies import build_strategy
 from fadal.model.engine import seed_everything
 from fadal.model.net import build_network
-from fadal.records import FederationHistory, Plan, RoundEntry
-
-
-
-# --------------------------------------------------------------------------- site side
-def is_secure_train(msg: Message) -> bool:
-    """A train message of the SecAgg+ protocol (any stage), not a plain Message-API one."""
-    return msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records
-
-
-def secagg_when_asked(policy_for: Callable[[Context], SitePolicy | None]) -> Mod:
-    """``secaggplus_mod`` for SecAgg+ messages only, so one ClientApp serves plain and secure federations.
-
-    The set-up stage (handled by ``secaggplus_mod`` alone) is first checked against the site's
-    policy (``policy_for(context)``): its reconstruction threshold says how many sites must collude
-    to unmask this one."""
-
-    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if not is_secure_train(msg):
-            return call_next(msg, context)
-        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-        if configs.get(Key.STAGE) == Stage.SETUP:
-            check_secagg_setup(policy_for(context), int(configs.get(Key.THRESHOLD, 0)),
-                               int(configs.get(Key.SHARE_NUMBER, 0)))
-        return secaggplus_mod(msg, context, call_next)
-
-    return mod
-
-
-def _state_keys(plan: Plan, labels: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The network's state dict: names, shapes and dtypes for the legacy API's unnamed array list."""
-    return build_network(max(labels.values()) + 1, plan.network).state_dict()
-
-
-def secure_train(msg: Message, runtime: SiteRuntime) -> Message:
-    """:func:`local_train` on a legacy ``FitIns``; the reply is a ``FitRes`` for ``secaggplus_mod`` to mask.
-
-    Refuses (error at the site) when a value would be clipped or the weight overflow: the server
-    cannot see either, so the aggregate would be silently wrong. The site's policy is checked
-    before the network is built."""
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    config = ConfigRecord(dict(fitins.config))
-    msg.content["config"] = config
-    admit(runtime, round_config(msg), round_options(msg))
-    plan = Plan.model_validate_json(str(config["plan"]))
-    labels = {k: int(v) for k, v in json.loads(str(config["labels"])).items()}
-    reference = _state_keys(plan, labels)
-    received = parameters_to_ndarrays(fitins.parameters)
-    msg.content["arrays"] = ArrayRecord({k: Array(a) for k, a in zip(reference, received, strict=True)})
-    out = local_train(msg, runtime, secure=True)
-    metrics = dict(out.content["metrics"])
-    state = out.content["arrays"].to_numpy_ndarrays()
-    clip, max_weight = float(config["secagg-clipping-range"]), float(config["secagg-max-weight"])
-    if metrics["num-examples"] > max_weight:
-        raise FadalInputError(f"site {runtime.name}: {metrics['num-examples']} training volumes exceed "
-                              f"secagg_max_weight {max_weight:g}; raise it in the federation config")
-    peak = max(float(np.abs(a).max()) for a in state if a.size)
-    if peak > clip:
-        raise FadalInputError(f"site {runtime.name}: a model value ({peak:.3g}) is outside secagg_clipping_range "
-                              f"{clip:g}; raise it in the federation config")
-    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=ndarrays_to_parameters(state),
-                    num_examples=int(metrics["num-examples"]), metrics=metrics)
-    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+from fadal.records import FederationHistory, RoundEntry
 
 
 # --------------------------------------------------------------------------- server side
@@ -139,6 +69,9 @@ class SecureFedAvg(LegacyFedAvg):
         entry.sites = len(results)
         entry.failures = len(failures)
         self.last_sites = [p.node_id for p, _ in results]
+        # A failure is a (proxy, FitRes) with an error status or an exception without a site to name.
+        entry.site_status = {**{str(p.node_id): ANSWERED for p, _ in results},
+                             **{str(f[0].node_id): FAILED for f in failures if isinstance(f, tuple)}}
         if results:
             total = sum(r.num_examples for _, r in results)
             entry.loss = sum(r.num_examples * float(r.metrics.get("train-loss", np.nan)) for _, r in results) / total
@@ -274,6 +207,10 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
             evaluate_round(evaluator, grid, rnd, ArrayRecord(model.state_dict()), record, cfg.round_timeout)
             entry.seconds = time.perf_counter() - t0
             save_round(model, cfg, plan, labels, history, rnd, evaluator)
+            write_live_page(cfg, history, "finished" if rnd == cfg.rounds else "running")
+    except Exception as err:
+        write_live_page(cfg, history, "stopped", str(err))
+        raise
     finally:
         stop.set()
         thread.join()

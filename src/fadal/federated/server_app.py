@@ -20,8 +20,8 @@ from flwr.supercore import log
 
 from fadal.config import FederationConfig
 from fadal.federated.planning import federation_plan
-from fadal.federated.rounds import (evaluate_round, load_strategy_state, resume_point, save_round,
-                                    train_config_record, write_history)
+from fadal.federated.rounds import (evaluate_round, load_strategy_state, resume_point, save_round, site_status,
+                                    train_config_record, write_history, write_live_page)
 from fadal.records import FederationHistory
 from fadal.federated.strategies import build_strategy
 from fadal.model.engine import seed_everything
@@ -34,7 +34,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], nu
     Flower's ``Strategy.start`` loop, written out so that it can start at a later round (resume)
     and so that a round with a failed or vanished site still counts when at least ``min_sites``
     sites answered (aggregated over those). With fewer the run stops with an error; the last
-    round's checkpoint stays, and submitting the run again continues from there.
+    round's checkpoint stays, and submitting the run again continues from there. ``out/report.html``
+    is rewritten after every round (the live page: progress, each site's status, curves so far).
     """
     seed_everything(cfg.train.seed)
     out = Path(cfg.out)
@@ -51,25 +52,31 @@ def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], nu
     arrays = ArrayRecord(model.state_dict())
     record = train_config_record(cfg, labels, plan)
 
-    for rnd in range(done + 1, cfg.rounds + 1):
-        log(INFO, "[ROUND %s/%s]", rnd, cfg.rounds)
-        t0 = time.perf_counter()
-        messages = list(strategy.configure_train(rnd, arrays, record, grid))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        answered = [m for m in replies if not m.has_error()]
-        if len(answered) < min_sites:
-            raise RuntimeError(f"round {rnd}: {len(answered)} of {len(messages)} sites answered, min_sites is "
-                               f"{min_sites}; {out} holds round {rnd - 1}: submit the run again to resume")
-        aggregated, _ = strategy.aggregate_train(rnd, replies)
-        arrays = aggregated if aggregated is not None else arrays
-        entry = history.entry(rnd)
-        entry.sampled = len(messages)
-        entry.failures = len(messages) - len(answered)  # errors and sites that never answered
+    try:
+        for rnd in range(done + 1, cfg.rounds + 1):
+            log(INFO, "[ROUND %s/%s]", rnd, cfg.rounds)
+            t0 = time.perf_counter()
+            messages = list(strategy.configure_train(rnd, arrays, record, grid))
+            replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+            answered = [m for m in replies if not m.has_error()]
+            entry = history.entry(rnd)
+            entry.site_status = site_status(messages, replies)
+            if len(answered) < min_sites:
+                raise RuntimeError(f"round {rnd}: {len(answered)} of {len(messages)} sites answered, min_sites is "
+                                   f"{min_sites}; {out} holds round {rnd - 1}: submit the run again to resume")
+            aggregated, _ = strategy.aggregate_train(rnd, replies)
+            arrays = aggregated if aggregated is not None else arrays
+            entry.sampled = len(messages)
+            entry.failures = len(messages) - len(answered)  # errors and sites that never answered
 
-        evaluate_round(strategy, grid, rnd, arrays, record, cfg.round_timeout)
-        model.load_state_dict(arrays.to_torch_state_dict())
-        entry.seconds = time.perf_counter() - t0
-        save_round(model, cfg, plan, labels, history, rnd, strategy)
+            evaluate_round(strategy, grid, rnd, arrays, record, cfg.round_timeout)
+            model.load_state_dict(arrays.to_torch_state_dict())
+            entry.seconds = time.perf_counter() - t0
+            save_round(model, cfg, plan, labels, history, rnd, strategy)
+            write_live_page(cfg, history, "finished" if rnd == cfg.rounds else "running")
+    except Exception as err:
+        write_live_page(cfg, history, "stopped", str(err))
+        raise
     write_history(history, out)
     return history
 
