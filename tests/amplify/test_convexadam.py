@@ -15,7 +15,8 @@ from fadal.config import ConvexAdamConfig, RegistrationConfig
 from fadal.data.io import resample_like
 
 pytest.importorskip("convexAdam")
-pytestmark = pytest.mark.usefixtures("one_itk_thread")
+pytestmark = [pytest.mark.usefixtures("one_itk_thread"),
+              pytest.mark.filterwarnings("ignore:builtin type:DeprecationWarning")]  # SWIG, on importing itk
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,7 @@ def test_convexadam_aligns_phantom_labels_on_the_fixed_grid_and_caches(phantom_p
     unregistered = resample_like(sitk.ReadImage(str(p["atlas_label"])), fixed, is_label=True)
     d0 = dice_score(sitk.GetArrayFromImage(unregistered), truth)
     d1 = dice_score(sitk.GetArrayFromImage(warped), truth)
-    # Measured (seeds of the phantom 1/2 as in the fixture): d0 0.50, d1 0.89; elastix (fast_cfg) 0.92.
+    # Measured (the fixture's phantoms are deterministic, seeds 1/2): unregistered 0.61, ConvexAdam 0.92 in 3.5 s.
     assert d1 > 0.8 and d1 > d0 + 0.15, (d0, d1)
     assert registration_failure(res, cfg) is None, (res.body_dice, res.metric_after, res.overlap)
     t0 = time.perf_counter()
