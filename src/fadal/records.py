@@ -140,11 +140,13 @@ class OrganCheck(_Record):
     """QC measures of one fused organ on one scan (:func:`fadal.amplify.qc.check_pseudo_label`)."""
 
     volume_ml: float
-    flags: list[Literal["missing", "volume", "fragmented", "low_confidence"]]
+    flags: list[Literal["missing", "volume", "fragmented", "low_confidence", "intensity"]]
     mean_confidence: float | None = Field(None, description="None when the organ is missing.")
     volume_range_ml: tuple[float, float] | None = Field(None, description="The atlases' range widened by "
                                                         "volume_factor; None when no atlas shows the organ.")
     largest_parts_fraction: float | None = Field(None, description="None when the organ is missing.")
+    median_hu: float | None = Field(None, description="The organ's median HU on the scan; None without atlas scans.")
+    hu_difference: float | None = Field(None, description="HU from the closest atlas median; None without atlas scans.")
 
 
 class QCVerdict(_Record):

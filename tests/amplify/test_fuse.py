@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fadal.amplify.fuse import fuse_files, fused_classes, local_log_weights, majority_vote, staple_fusion, weighted_vote
+from fadal.amplify.fuse import (fuse_files, fused_classes, joint_vote, local_log_weights, majority_vote, staple_fusion,
+                               weighted_vote)
+from fadal.amplify.joint_fusion import joint_weights
 from fadal.errors import FadalInputError
 
 
@@ -167,7 +169,31 @@ def test_staple_beats_majority_when_good_atlases_are_outnumbered_locally():
     assert same_conf.min() > 0.99
 
 
-@pytest.mark.parametrize("method", ["majority", "weighted", "staple"])
+def test_joint_fusion_is_not_outvoted_by_atlases_that_err_together():
+    """Joint label fusion (Wang et al. 2013). Atlases 1 and 2 are misregistered 7 voxels apart; then
+    the misregistered atlas is duplicated (two atlases making the same error). Measured over target
+    noise seeds 0-4: joint 1.000 in both cases; majority 0.756 / 0.304; locally weighted 0.994-0.997 /
+    0.981-0.986."""
+    truth, target, labels, images = _known_answer_case()
+    joint, conf = joint_vote(labels, target, images, (1.0, 1.0, 1.0), 2, radius_mm=2.0)
+    assert _dice1(joint, truth) > 0.99 > _dice1(majority_vote(labels, 2)[0], truth) + 0.2
+    assert conf.dtype == np.float32 and conf.min() >= 0 and conf.max() <= 1
+    same = [labels[0], labels[1], labels[1].copy()]
+    joint_dup, _ = joint_vote(same, target, [images[0], images[1], images[1].copy()], (1.0, 1.0, 1.0), 2,
+                              radius_mm=2.0)
+    assert _dice1(joint_dup, truth) > 0.99 > 0.5 > _dice1(majority_vote(same, 2)[0], truth)
+    # Unanimous atlases: their label, whatever the scans look like.
+    unanimous, u_conf = joint_vote([truth] * 3, target, images, (1.0, 1.0, 1.0), 2)
+    np.testing.assert_array_equal(unanimous, truth)
+    assert u_conf.min() == 1.0
+    # The weights of one voxel sum to 1; an atlas identical to the target gets nearly all of it.
+    where = np.zeros(truth.shape, bool)
+    where[20, 12, 12] = True
+    w = joint_weights(target, [target, images[1], images[2]], where, (1.0, 1.0, 1.0), radius_mm=2.0)
+    assert w.shape == (3, 1) and w.sum() == pytest.approx(1.0) and w[0, 0] > 0.9
+
+
+@pytest.mark.parametrize("method", ["majority", "weighted", "staple", "joint"])
 def test_partial_annotation_respected_by_every_method(method):
     # Organ 2 (a ball) is drawn by atlas 0 only; atlases 1 and 2 drew organ 1 only and say 0 there.
     shape = (20, 20, 20)
@@ -181,6 +207,10 @@ def test_partial_annotation_respected_by_every_method(method):
     elif method == "staple":
         label, _ = staple_fusion(labels, 3, annotated)
         blind, _ = staple_fusion(labels, 3)
+    elif method == "joint":
+        scan = np.where(organ1, 60.0, np.where(organ2, 120.0, 0.0))
+        label, _ = joint_vote(labels, scan, [scan] * 3, (1.0, 1.0, 1.0), 3, annotated)
+        blind, _ = joint_vote(labels, scan, [scan] * 3, (1.0, 1.0, 1.0), 3)
     else:
         scan = np.where(organ1, 60.0, np.where(organ2, 120.0, 0.0))
         log_w = local_log_weights(scan, [scan] * 3, (1.0, 1.0, 1.0))
@@ -205,5 +235,9 @@ def test_fuse_files_weighted_needs_warped_scans(tmp_path):
         fuse_files(lpaths, ref, 2, method="weighted")
     label, conf = fuse_files(lpaths, ref, 2, method="weighted", image_paths=ipaths, sigma_hu=30.0, radius_mm=2.0)
     assert _dice1(sitk.GetArrayFromImage(label), truth) > 0.97
+    with pytest.raises(FadalInputError, match="image_paths"):
+        fuse_files(lpaths, ref, 2, method="joint")
+    label, conf = fuse_files(lpaths, ref, 2, method="joint", image_paths=ipaths, joint={"radius_mm": 2.0})
+    assert _dice1(sitk.GetArrayFromImage(label), truth) > 0.99
     label, conf = fuse_files(lpaths, ref, 2, method="staple")
     assert label.GetPixelID() == sitk.sitkUInt8 and conf.GetPixelID() == sitk.sitkFloat32

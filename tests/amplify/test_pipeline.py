@@ -163,9 +163,12 @@ def test_atlas_selection_excludes_failures_and_keeps_the_best_top_k(tmp_path):
                                   metric_after=ncc, seconds=1.0, cached=False, body_dice=body_dice, overlap=1.0,
                                   error=error)
 
-    results = [result(0.5), result(0.1), result(0.8), result(0.6, body_dice=0.5), result(0.7), result(0.9, error="x")]
+    # The best working atlas has NCC 0.8: min_ncc_ratio 0.8 fails an atlas below 0.64 on this scan.
+    results = [result(0.7), result(0.1), result(0.8), result(0.75, body_dice=0.2), result(0.72), result(0.9, error="x"),
+               result(0.6)]
     chosen, why = _select_atlases(results, AmplifyConfig())
-    assert chosen == [2, 4, 0] and set(why) == {1, 3, 5}
+    assert chosen == [2, 4, 0] and set(why) == {1, 3, 5, 6}
     assert "NCC 0.100" in why[1] and "body-mask Dice" in why[3] and why[5] == "registration failed: x"
+    assert "min_ncc_ratio" in why[6]
     chosen, why = _select_atlases(results, AmplifyConfig(fusion=FusionConfig(top_k=2)))
     assert chosen == [2, 4] and why[0].startswith("not selected")

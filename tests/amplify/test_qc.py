@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
+from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote, volume_ranges
 from fadal.config import QCConfig
+from fadal.records import Fingerprint, Percentiles
 
 NAMES = {1: "liver", 2: "kidney", 3: "spine"}
 
@@ -31,14 +32,14 @@ def test_plausible_organs_pass():
     label, conf, ref = _case()
     res = check_pseudo_label(label, conf, 1.0, [1, 2], ref, NAMES, QCConfig())
     assert res.accepted and res.kept == [1, 2] and res.demoted == [] and res.reasons == []
-    assert res.organs["liver"]["volume_range_ml"] == [round(800 / 1.5, 2), 1500.0]
+    assert res.organs["liver"]["volume_range_ml"] == [round(800 / 3, 2), 3000.0]  # the default prior f = 3
     assert res.organs["liver"]["largest_parts_fraction"] == 1.0
 
 
 def test_implausible_volume_fragmented_missing_and_low_confidence_are_flagged():
     label, conf, ref = _case()
     big = label.copy()
-    big[_ball(label.shape, (10, 15, 15), 9) & (label == 0)] = 1  # liver of ~3000 ml: > 1000 * 1.5
+    big[_ball(label.shape, (10, 15, 15), 12) & (label == 0)] = 1  # liver of ~5000 ml: > 1000 * 3
     res = check_pseudo_label(big, conf, 1.0, [1, 2, 3], ref, NAMES, QCConfig())
     assert res.organs["liver"]["flags"] == ["volume"] and "outside" in res.reasons[1]
     assert res.organs["spine"]["flags"] == ["missing"]  # fused from atlases, absent here
@@ -98,3 +99,38 @@ def test_atlas_reference_counts_only_atlases_that_drew_the_organ(tmp_path):
     np.testing.assert_allclose(ref[1].volumes_ml, [n1 / 1000, n1 * 8 / 1000])
     np.testing.assert_allclose(ref[2].volumes_ml, [n2 / 1000])  # atlas 1 did not draw organ 2
     assert ref[3].volumes_ml == [] and ref[1].parts == 1
+
+
+def test_federation_volume_ranges_widen_what_two_atlases_allow():
+    label, conf, ref = _case()
+    large = label.copy()
+    large[_ball(label.shape, (10, 15, 15), 8) & (label == 0)] = 1  # liver of ~2100 ml; atlases 800-1000 ml
+    tight = QCConfig(volume_factor=1.5)
+    assert check_pseudo_label(large, conf, 1.0, [1, 2], ref, NAMES, tight).organs["liver"]["flags"] == ["volume"]
+    p = Percentiles(p10=(1.0, 1.0, 1.0), p50=(1.0, 1.0, 1.0), p90=(1.0, 1.0, 1.0))
+    fp = Fingerprint(scans=40, labeled_scans=40, spacing_mm=p, body_extent_mm=p,
+                     organ_volume_ml={"liver": (600.0, 2400.0), "spine": (0.0, 80.0)})
+    ranges = volume_ranges(fp)
+    assert ranges == {"liver": (600.0, 2400.0)}  # a zero minimum (organ outside a field of view) says nothing
+    res = check_pseudo_label(large, conf, 1.0, [1, 2], ref, NAMES, tight.model_copy(update={"volume_ranges_ml": ranges}))
+    assert res.accepted and res.organs["liver"]["flags"] == [] and res.organs["liver"]["volume_range_ml"] == [480.0, 3000.0]  # federation_volume_factor 1.25
+
+
+def test_organ_on_the_wrong_tissue_is_flagged_by_its_intensity(tmp_path):
+    label, conf, _ = _case()
+    scan = np.where(label == 1, 60.0, np.where(label == 2, 30.0, -1000.0)).astype(np.float32)
+    paths = {}  # 1 mm voxels: 0.001 ml
+    for name, arr in (("label", label), ("scan", scan)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(paths[name]))
+    ref = atlas_reference([paths["label"]], [{1, 2}], [1, 2], [paths["scan"]])
+    assert ref[1].median_hu == [60.0] and ref[2].median_hu == [30.0]
+    same = check_pseudo_label(label, conf, 0.001, [1, 2], ref, NAMES, QCConfig(), image_hu=scan)
+    assert same.accepted and same.organs["liver"]["flags"] == [] and same.organs["liver"]["hu_difference"] == 0
+    moved = np.where(label == 1, 0, label)
+    moved[np.roll(label == 1, 8, axis=2)] = 1  # the liver shifted (within the grid) off its tissue, into the air
+    res = check_pseudo_label(moved, conf, 0.001, [1, 2], ref, NAMES, QCConfig(), image_hu=scan)
+    assert res.organs["liver"]["flags"] == ["intensity"] and res.demoted == [1]
+    assert "HU" in res.reasons[0]
+    # Without the scan the check is not made (the volume is unchanged by a shift).
+    assert check_pseudo_label(moved, conf, 0.001, [1, 2], ref, NAMES, QCConfig()).organs["liver"]["flags"] == []

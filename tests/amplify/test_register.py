@@ -12,7 +12,8 @@ import SimpleITK as sitk
 from fadal.amplify.cache import pair_key
 from fadal.amplify.elastix import RegistrationFailed
 from fadal.amplify.register import register_atlas, register_many
-from fadal.amplify.result import RegistrationResult, registration_failure
+from fadal.amplify.result import RegistrationResult, registration_failure, registration_failures
+from fadal.config import RegistrationConfig
 from fadal.data.io import resample_like
 from fadal.errors import FadalInputError
 
@@ -150,7 +151,7 @@ def test_failure_thresholds_are_applied_at_use_and_not_in_the_cache_key(phantom_
     ok = RegistrationResult(fixed=f, moving=f, warped_label=f, metric_before=0.1, metric_after=0.6, seconds=1.0,
                             cached=False, body_dice=0.95, overlap=0.9)
     assert registration_failure(ok, cfg) is None
-    for field, value, word in (("metric_after", 0.2, "NCC"), ("body_dice", 0.7, "body-mask Dice"),
+    for field, value, word in (("metric_after", 0.2, "NCC"), ("body_dice", 0.2, "body-mask Dice"),
                                ("overlap", 0.1, "covers"), ("metric_after", float("nan"), "NCC")):
         bad = RegistrationResult(**{**ok.__dict__, field: value})
         assert word in registration_failure(bad, cfg)
@@ -160,6 +161,22 @@ def test_failure_thresholds_are_applied_at_use_and_not_in_the_cache_key(phantom_
     relaxed = cfg.model_copy(update={"min_ncc": 0.0, "min_body_dice": 0.0, "min_overlap": 0.0, "workers": 3})
     assert pair_key(*args, relaxed) == pair_key(*args, cfg)
     assert pair_key(*args, cfg.model_copy(update={"initialization": "center_of_gravity"})) != pair_key(*args, cfg)
+
+
+def test_an_atlas_far_below_the_best_on_its_scan_counts_as_failed(phantom_pair):
+    """The calibrated rule (benchmarks/registration_calibration.py): an atlas whose NCC is below
+    min_ncc_ratio x the best atlas's on the same scan fails, though above every absolute floor."""
+    f = phantom_pair["fixed"]
+    base = dict(fixed=f, moving=f, warped_label=f, metric_before=0.1, seconds=1.0, cached=False, body_dice=0.95,
+                overlap=0.9)
+    best, close, far = (RegistrationResult(**base, metric_after=v) for v in (0.8, 0.7, 0.5))
+    failed = RegistrationResult(**{**base, "metric_after": float("nan"), "error": "elastix gave up"})
+    cfg = RegistrationConfig()
+    why = registration_failures([best, close, far, failed], cfg)
+    assert why[:2] == [None, None] and "min_ncc_ratio" in why[2] and why[3] == "elastix gave up"
+    assert registration_failure(far, cfg) is None  # alone it passes every floor
+    assert registration_failures([far], cfg) == [None]  # the best atlas of its scan is never flagged by the ratio
+    assert registration_failures([best, far], cfg.model_copy(update={"min_ncc_ratio": 0.5})) == [None, None]
 
 
 def test_register_many_records_elastix_failures(phantom_pair, tmp_path, fast_cfg, monkeypatch):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from fadal.amplify.convexadam import RECIPE as CONVEXADAM_RECIPE
 from fadal.amplify.elastix import RECIPE_VERSION
 from fadal.amplify.result import RegistrationResult
 from fadal.config import RegistrationConfig
@@ -26,7 +27,7 @@ KEY_CHARS = 24
 #: Bump when the layout of ``<key>.json`` changes: older entries are then registered again.
 CACHE_SCHEMA = 2
 #: Settings that do not change a registration's result, so they are not part of its cache key.
-_NOT_IN_KEY = {"workers", "min_body_dice", "min_ncc", "min_overlap"}
+_NOT_IN_KEY = {"workers", "min_body_dice", "min_ncc", "min_ncc_ratio", "min_overlap"}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -56,7 +57,10 @@ def pair_key(fixed_image: Path, atlas_image: Path, atlas_label: Path, cfg: Regis
     h = hashlib.sha256()
     for p in (fixed_image, atlas_image, atlas_label):
         h.update(path_digest(p))
-    h.update(cfg.model_dump_json(exclude=_NOT_IN_KEY).encode())
+    exclude = _NOT_IN_KEY | ({"convexadam"} if cfg.method != "convexadam" else set())  # no other method's result
+    h.update(cfg.model_dump_json(exclude=exclude).encode())
+    if cfg.method == "convexadam":
+        h.update(CONVEXADAM_RECIPE.encode())
     h.update(RECIPE_VERSION.encode())
     return h.hexdigest()[:KEY_CHARS]
 

@@ -17,6 +17,8 @@ atlases that annotated ``c`` only, and all share one decision rule (:func:`_deci
   ``STAPLEImageFilter``) per organ over the atlases that annotated it; ``p_c`` is STAPLE's posterior
   probability of ``c``. SimpleITK's multi-label STAPLE is not used: it reads every 0 as a vote for
   background, which is exactly what a partial annotation must not do.
+* ``"joint"`` (:func:`joint_vote`, joint label fusion after Wang et al., IEEE TPAMI 2013): locally
+  weighted voting whose weights account for atlases that err together (:mod:`fadal.amplify.joint_fusion`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from fadal.amplify.joint_fusion import joint_weights
 from fadal.data.io import read_image, resample_like, same_geometry
 from fadal.errors import FadalInputError
 
-FUSION_METHODS = ("majority", "weighted", "staple")
+FUSION_METHODS = ("majority", "weighted", "staple", "joint")
 #: HU range compared by the local weights: beyond it (dense bone, metal, air) differences say little.
 _HU_RANGE = (-1000.0, 1500.0)
 #: STAPLE runs in the union of the organ's votes grown by this many voxels (see :func:`staple_fusion`).
@@ -190,6 +193,48 @@ def weighted_vote(labels: Sequence[np.ndarray], log_weights: Sequence[np.ndarray
     return _decide(arrays[0].shape, probabilities())
 
 
+def joint_vote(labels: Sequence[np.ndarray], target_hu: np.ndarray, atlas_hu: Sequence[np.ndarray],
+               spacing_zyx: Sequence[float], num_classes: int,
+               annotated: Sequence[Collection[int] | None] | None = None, radius_mm: float = 5.0,
+               sigma_hu: float = 30.0, alpha: float = 0.1, beta: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Joint label fusion (:mod:`fadal.amplify.joint_fusion`): like :func:`weighted_vote`, with weights
+    that account for atlases erring together. For each organ ``c`` the atlases that annotated it get
+    joint weights among themselves (solved once per such set of atlases, where their labels differ);
+    ``p_c(x) = clip(sum_i w_i(x) [label_i(x) = c], 0, 1)`` (weights may be negative), then :func:`_decide`.
+    """
+    arrays = _check_labels(labels, num_classes)
+    if len(atlas_hu) != len(arrays):
+        raise FadalInputError(f"{len(atlas_hu)} warped atlas scans for {len(arrays)} atlases")
+    for i, a in enumerate([target_hu, *atlas_hu]):
+        if np.shape(a) != arrays[0].shape:
+            raise FadalInputError(f"{'target' if i == 0 else f'atlas {i - 1}'}: scan shape {np.shape(a)} "
+                                  f"differs from the labels' {arrays[0].shape}")
+    sets = _annotated_sets(len(arrays), num_classes, annotated)
+    solved: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    def weights(idx: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        if idx not in solved:
+            differ = np.zeros(arrays[0].shape, dtype=bool)
+            for i in idx[1:]:
+                differ |= arrays[i] != arrays[idx[0]]
+            solved[idx] = differ, joint_weights(target_hu, [atlas_hu[i] for i in idx], differ, spacing_zyx,
+                                                radius_mm, sigma_hu, alpha, beta)
+        return solved[idx]
+
+    def probabilities():
+        for c in range(1, num_classes):
+            idx = tuple(i for i, s in enumerate(sets) if c in s)
+            if not idx:
+                continue
+            differ, w = weights(idx)
+            p = (arrays[idx[0]] == c).astype(np.float32)
+            votes = np.stack([arrays[i][differ] == c for i in idx])
+            p[differ] = np.clip((w * votes).sum(axis=0), 0.0, 1.0)
+            yield c, p
+
+    return _decide(arrays[0].shape, probabilities())
+
+
 def staple_fusion(labels: Sequence[np.ndarray], num_classes: int,
                   annotated: Sequence[Collection[int] | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-organ binary STAPLE over the atlases that annotated the organ, then :func:`_decide`.
@@ -238,14 +283,16 @@ def _read_on(path: Path, reference: sitk.Image, is_label: bool) -> np.ndarray:
 def fuse_files(label_paths: Sequence[Path], reference: sitk.Image, num_classes: int,
                annotated: Sequence[Collection[int] | None] | None = None,
                method: str = "majority", image_paths: Sequence[Path] | None = None,
-               sigma_hu: float = 30.0, radius_mm: float = 4.0) -> tuple[sitk.Image, sitk.Image]:
+               sigma_hu: float = 30.0, radius_mm: float = 4.0, joint: dict | None = None
+               ) -> tuple[sitk.Image, sitk.Image]:
     """Fuse label files into (label uint8, confidence float32) images on ``reference``'s grid.
 
     Label maps not already on the reference grid are resampled onto it through world coordinates
     (nearest neighbour). ``method``: ``"majority"``, ``"weighted"`` (needs ``image_paths``, the
     warped atlas scans in HU, and ``reference`` must be the target scan itself; ``sigma_hu`` and
-    ``radius_mm`` as in :func:`local_log_weights`) or ``"staple"``. ``annotated``: see
-    :func:`majority_vote`.
+    ``radius_mm`` as in :func:`local_log_weights`), ``"staple"`` or ``"joint"`` (needs ``image_paths``
+    like ``"weighted"``; ``joint``: keyword arguments of :func:`joint_vote`, e.g. ``alpha``, ``beta``,
+    ``radius_mm``, ``sigma_hu``). ``annotated``: see :func:`majority_vote`.
     """
     if method not in FUSION_METHODS:
         raise FadalInputError(f"unknown fusion method {method!r}; choose one of {list(FUSION_METHODS)}")
@@ -263,12 +310,16 @@ def fuse_files(label_paths: Sequence[Path], reference: sitk.Image, num_classes: 
         label, confidence = staple_fusion(arrays, num_classes, annotated)
     else:
         if image_paths is None or len(image_paths) != len(label_paths):
-            raise FadalInputError("weighted fusion needs one warped atlas scan per label map (image_paths)")
+            raise FadalInputError(f"{method} fusion needs one warped atlas scan per label map (image_paths)")
         target = sitk.GetArrayFromImage(reference).astype(np.float32)
         atlas_hu = [_read_on(p, reference, is_label=False) for p in image_paths]
         spacing_zyx = reference.GetSpacing()[::-1]
-        log_w = local_log_weights(target, atlas_hu, spacing_zyx, sigma_hu, radius_mm)
-        label, confidence = weighted_vote(arrays, log_w, num_classes, annotated)
+        if method == "joint":
+            label, confidence = joint_vote(arrays, target, atlas_hu, spacing_zyx, num_classes, annotated,
+                                           **(joint or {}))
+        else:
+            log_w = local_log_weights(target, atlas_hu, spacing_zyx, sigma_hu, radius_mm)
+            label, confidence = weighted_vote(arrays, log_w, num_classes, annotated)
     label_img = sitk.GetImageFromArray(label)
     label_img.CopyInformation(reference)
     conf_img = sitk.GetImageFromArray(confidence)

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from fadal.amplify.fuse import fuse_files, fused_classes
 from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
 from fadal.amplify.register import register_many
-from fadal.amplify.result import RegistrationResult, registration_failure
+from fadal.amplify.result import RegistrationResult, registration_failure, registration_failures
 from fadal.config import AmplifyConfig
 from fadal.data.io import read_image, read_record, write_image, write_record
 from fadal.data.site import Case, Site, load_site
@@ -61,8 +61,7 @@ def _select_atlases(results: list[RegistrationResult], cfg: AmplifyConfig) -> tu
     """Indices of the atlases to fuse (best NCC first, at most ``top_k``) and the reasons the others are not."""
     why: dict[int, str] = {}
     ok = []
-    for i, r in enumerate(results):
-        reason = registration_failure(r, cfg.registration)
+    for i, reason in enumerate(registration_failures(results, cfg.registration)):
         if reason is None:
             ok.append(i)
         else:
@@ -123,12 +122,13 @@ def _amplify_case(site: Site, case: Case, atlases: list[Case], results: list[Reg
     reference_img = read_image(case.image)
     label_img, conf_img = fuse_files(
         [results[i].warped_label for i in chosen], reference_img, site.num_classes, annotated, method=cfg.fusion.method,
-        image_paths=[results[i].warped_image for i in chosen] if cfg.fusion.method == "weighted" else None,
-        sigma_hu=cfg.fusion.weight_sigma_hu, radius_mm=cfg.fusion.weight_radius_mm,
+        image_paths=[results[i].warped_image for i in chosen] if cfg.fusion.method in ("weighted", "joint") else None,
+        sigma_hu=cfg.fusion.weight_sigma_hu, radius_mm=cfg.fusion.weight_radius_mm, joint=cfg.fusion.joint_options(),
     )
     lab, conf = sitk.GetArrayFromImage(label_img), sitk.GetArrayFromImage(conf_img)
     voxel_ml = float(np.prod(reference_img.GetSpacing())) / 1000.0
-    qc = check_pseudo_label(lab, conf, voxel_ml, fused, reference, names, cfg.qc)
+    qc = check_pseudo_label(lab, conf, voxel_ml, fused, reference, names, cfg.qc,
+                            image_hu=sitk.GetArrayViewFromImage(reference_img))
     if not qc.accepted:
         return FusionProvenance(**common, status="rejected", reasons=qc.reasons, qc=qc.to_record(names),
                                 organs_fused=[], organs_demoted=[], organs_not_fused=[names[c] for c in all_organs],
@@ -221,7 +221,7 @@ def fuse_cases(site: Site, atlases: list[Case], todo: list[Case], results: list[
         return
     annotated = [_atlas_ids(site, a) for a in atlases]
     reference = atlas_reference([a.label for a in atlases], annotated,
-                                fused_classes(site.num_classes, annotated, len(atlases)))
+                                fused_classes(site.num_classes, annotated, len(atlases)), [a.image for a in atlases])
     for k, case in enumerate(todo):
         res = results[k * len(atlases): (k + 1) * len(atlases)]
         provenance = _amplify_case(site, case, atlases, res, out_dir, cfg, reference)

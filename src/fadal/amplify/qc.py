@@ -5,8 +5,16 @@ that swallowed the stomach, a kidney in three pieces, a pancreas that vanished. 
 teach the network the error with full conviction. Each fused organ of a scan is checked against what
 the site's own labeled scans (the atlases) say that organ looks like:
 
-* ``volume``: outside ``[min / f, max * f]`` of the volumes (ml) the atlases that drew it have
-  (``f = QCConfig.volume_factor``);
+* ``volume``: outside ``[min / f, max * f]`` of the reference volumes (ml): those of the atlases that
+  drew it, plus the federation's aggregated ``(smallest, largest)`` volume when given
+  (``QCConfig.volume_ranges_ml``, e.g. :func:`volume_ranges` of the merged fingerprint). ``f =
+  QCConfig.volume_factor`` is the stated prior of inter-patient spread for atlases alone (its default
+  is measured on OpenKBP: with two atlases, ``f = 3`` keeps 96-100 % of other patients' organs inside,
+  larynx 86 %; ``f = 1.5`` kept 62-91 %); with the federation's range, which already holds the measured
+  spread, the smaller ``QCConfig.federation_volume_factor``;
+* ``intensity``: its median HU differs by more than ``QCConfig.max_hu_difference`` from every
+  atlas's median HU of that organ (when the scans are given): an organ placed on the wrong tissue
+  (shifted onto air, fat or bone) changes its intensity, not its volume;
 * ``fragmented``: its ``n`` largest 26-connected components hold less than
   ``QCConfig.min_component_fraction`` of its voxels, where ``n`` is the largest number of
   substantial components (>= 10 % of the organ) any atlas has for it (1 for most organs; 2 for a
@@ -34,7 +42,7 @@ from scipy import ndimage
 
 from fadal.config import QCConfig
 from fadal.data.io import read_image
-from fadal.records import QCVerdict
+from fadal.records import Fingerprint, QCVerdict
 
 #: A connected component holding at least this fraction of an organ counts as a real part of it.
 SUBSTANTIAL_PART = 0.10
@@ -47,6 +55,14 @@ class OrganReference:
 
     volumes_ml: list[float] = field(default_factory=list)
     parts: int = 1  # most substantial connected components any atlas has
+    median_hu: list[float] = field(default_factory=list)  # per atlas (when their scans were given)
+
+
+def volume_ranges(fingerprint: Fingerprint) -> dict[str, tuple[float, float]]:
+    """``QCConfig.volume_ranges_ml`` from a (merged) fingerprint: organ -> (smallest, largest) volume (ml)
+    over the federation's labeled scans; a zero minimum (an organ drawn but outside a scan's field of
+    view) says nothing about size and is left out."""
+    return {o: (lo, hi) for o, (lo, hi) in fingerprint.organ_volume_ml.items() if lo > 0 and hi > 0}
 
 
 @dataclass
@@ -73,12 +89,15 @@ def _components(mask: np.ndarray) -> np.ndarray:
 
 
 def atlas_reference(label_paths: Sequence[Path], annotated: Sequence[Collection[int]],
-                    classes: Collection[int]) -> dict[int, OrganReference]:
-    """Per organ in ``classes``: volumes (ml) and part count in the atlases that annotated it."""
+                    classes: Collection[int], image_paths: Sequence[Path] | None = None) -> dict[int, OrganReference]:
+    """Per organ in ``classes``: volumes (ml), part count and (with ``image_paths``, the atlas scans)
+    median HU in the atlases that annotated it."""
     ref = {int(c): OrganReference() for c in classes}
-    for path, drawn in zip(label_paths, annotated):
+    images = list(image_paths) if image_paths is not None else [None] * len(label_paths)
+    for path, drawn, image in zip(label_paths, annotated, images):
         img = read_image(path)
         arr = sitk.GetArrayViewFromImage(img)
+        hu = None if image is None else sitk.GetArrayFromImage(read_image(image))
         voxel_ml = float(np.prod(img.GetSpacing())) / 1000.0
         for c in ref:
             if c not in drawn:
@@ -88,14 +107,18 @@ def atlas_reference(label_paths: Sequence[Path], annotated: Sequence[Collection[
             if n == 0:
                 continue  # drawn elsewhere, not in this scan's field of view: no evidence of size
             ref[c].volumes_ml.append(n * voxel_ml)
+            if hu is not None and hu.shape == m.shape:
+                ref[c].median_hu.append(float(np.median(hu[m])))
             sizes = _components(m)
             ref[c].parts = max(ref[c].parts, int((sizes >= SUBSTANTIAL_PART * n).sum()))
     return ref
 
 
 def check_pseudo_label(label: np.ndarray, confidence: np.ndarray, voxel_ml: float, fused: Sequence[int],
-                       reference: dict[int, OrganReference], names: dict[int, str], cfg: QCConfig) -> QCResult:
-    """Flag each organ of ``fused`` in the pseudo-label and decide (rule: module docstring)."""
+                       reference: dict[int, OrganReference], names: dict[int, str], cfg: QCConfig,
+                       image_hu: np.ndarray | None = None) -> QCResult:
+    """Flag each organ of ``fused`` in the pseudo-label and decide (rule: module docstring). ``image_hu``:
+    the scan (HU, on the label's grid), for the ``intensity`` check."""
     organs: dict[str, dict] = {}
     flagged: list[int] = []
     reasons: list[str] = []
@@ -109,11 +132,19 @@ def check_pseudo_label(label: np.ndarray, confidence: np.ndarray, voxel_ml: floa
             info["flags"].append("missing")
         else:
             info["mean_confidence"] = round(float(confidence[m].mean()), 4)
-            if ref.volumes_ml:
-                lo, hi = min(ref.volumes_ml) / cfg.volume_factor, max(ref.volumes_ml) * cfg.volume_factor
+            federation = list(cfg.volume_ranges_ml.get(name, ()))
+            volumes = ref.volumes_ml + federation
+            if volumes:
+                f = cfg.federation_volume_factor if federation else cfg.volume_factor
+                lo, hi = min(volumes) / f, max(volumes) * f
                 info["volume_range_ml"] = [round(lo, 2), round(hi, 2)]
                 if not lo <= n * voxel_ml <= hi:
                     info["flags"].append("volume")
+            if image_hu is not None and ref.median_hu:
+                info["median_hu"] = round(float(np.median(image_hu[m])), 1)
+                info["hu_difference"] = round(min(abs(info["median_hu"] - h) for h in ref.median_hu), 1)
+                if info["hu_difference"] > cfg.max_hu_difference:
+                    info["flags"].append("intensity")
             sizes = _components(m)
             info["largest_parts_fraction"] = round(float(sizes[: ref.parts].sum() / n), 4)
             if info["largest_parts_fraction"] < cfg.min_component_fraction:
@@ -144,6 +175,9 @@ def _explain(flag: str, info: dict, cfg: QCConfig) -> str:
         return f"volume {info['volume_ml']:g} ml outside [{lo:g}, {hi:g}] ml"
     if flag == "fragmented":
         return f"largest component(s) hold {info['largest_parts_fraction']:.2f} < {cfg.min_component_fraction:g}"
+    if flag == "intensity":
+        return (f"median {info['median_hu']:g} HU is {info['hu_difference']:g} HU from every atlas's "
+                f"(max_hu_difference {cfg.max_hu_difference:g})")
     if flag == "low_confidence":
         return f"mean confidence {info['mean_confidence']:.3f} < {cfg.min_confidence:g}"
     return "missing (fused from atlases that drew it, absent here)"

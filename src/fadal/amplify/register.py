@@ -13,7 +13,8 @@ check the files, body masks, the initial translation: :mod:`fadal.amplify.geomet
 :mod:`fadal.amplify.initialize`) and ends in :func:`finish_pair` (warp, measure the quality that
 :func:`fadal.amplify.result.registration_failure` judges, store). The fixed mask is limited to the
 craniocaudal stretch the atlas covers (elsewhere fixed samples could only match air), and the
-similarity measures are taken inside the common stretch.
+similarity measures are taken inside the common stretch. ``registration.method: convexadam`` runs
+:func:`fadal.amplify.convexadam.register_pair` between the two, with the same cache and record.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 
+from fadal.amplify import convexadam
 from fadal.amplify.cache import entry_paths, load_cached, pair_key, store
 from fadal.amplify.elastix import (RECIPE_VERSION, RegistrationFailed, displacement_transform, load_elastix,
                                    run_elastix)
@@ -175,6 +177,12 @@ def finish_pair(pair: PreparedPair, transform: sitk.Transform, out_dir: Path, cf
 
 def _register_uncached(fixed_image: Path, atlas_image: Path, atlas_label: Path, out_dir: Path,
                        cfg: RegistrationConfig, key: str) -> RegistrationResult:
+    """Register one pair with ``cfg.method`` (elastix here, or ConvexAdam) and store it under ``key``."""
+    if cfg.method == "convexadam":
+        t0 = time.perf_counter()
+        pair = prepare_pair(fixed_image, atlas_image, atlas_label, cfg)
+        transform, extra = convexadam.register_pair(pair, cfg)
+        return finish_pair(pair, transform, out_dir, cfg, key, t0, recipe=convexadam.RECIPE, extra=extra)
     load_elastix()  # first use in a process loads ITK's elastix module (10-20 s): not this pair's time
     t0 = time.perf_counter()
     pair = prepare_pair(fixed_image, atlas_image, atlas_label, cfg)

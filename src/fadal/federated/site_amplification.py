@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-from fadal.amplify.selftrain import SelfTrainSite, refine_site
-from fadal.amplify.synthesize import SyntheticPairs, site_synthesizer
 from fadal.config import SelfTrainConfig, SynthesisConfig
 from fadal.data.io import PRIVATE, private_dir, write_json
 from fadal.data.site import Site
@@ -30,9 +28,12 @@ from fadal.records import Plan
 
 
 def synthetic_pairs(site: Site, amplified: Path | None, cache_dir: Path, cfg: SynthesisConfig, plan: Plan,
-                    n_items: int) -> SyntheticPairs | None:
+                    n_items: int) -> torch.utils.data.Dataset | None:
     """The site's synthetic-pair sampler (a share ``cfg.fraction`` of ``n_items``), or None when no
-    transform is usable (every registration failed, or no unlabeled scan): training goes on without."""
+    transform is usable (every registration failed, or no unlabeled scan): training goes on without.
+    (Amplification code is imported only by a site that uses it: a ClientApp stays light.)"""
+    from fadal.amplify.synthesize import site_synthesizer
+
     if not site.unlabeled or not site.labeled:
         return None
     cache = Path(amplified) / "synthesis" if amplified is not None else private_dir(cache_dir / "synthesis")
@@ -66,6 +67,8 @@ def refine_with_global_model(model: torch.nn.Module, site: Site, amplified: Path
 
     The baseline is the fusion (``amplified``) when the site has one, else the model alone on the
     organs the site's labeled cases drew."""
+    from fadal.amplify.selftrain import SelfTrainSite, refine_site
+
     out = private_dir(cache_dir / "selftrain" / f"run{run_id}") / f"round_{server_round}"
     was_training = model.training
     model.eval()
