@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from fadal.amplify.fuse import fuse_files, fused_classes
 from fadal.amplify.qc import OrganReference, atlas_reference, check_pseudo_label, demote
 from fadal.amplify.register import register_many
-from fadal.amplify.result import RegistrationResult, registration_failure, registration_failures
+from fadal.amplify.result import RegistrationResult, registration_failures
 from fadal.config import AmplifyConfig
 from fadal.data.io import read_image, read_record, write_image, write_record
 from fadal.data.site import Case, Site, load_site
@@ -177,8 +177,8 @@ def amplify_site(site_dir: Path | Site, out_dir: Path, cfg: AmplifyConfig, progr
 
     The first ``cfg.max_atlases`` labeled cases (by case id) are the atlases. Every (scan, atlas)
     pair still to do is registered in one call (:func:`register_pairs`), so all ``workers`` are busy.
-    Per scan, atlases whose registration failed (:func:`register.registration_failure`) are
-    excluded, the best ``cfg.fusion.top_k`` by NCC are fused with ``cfg.fusion.method`` (each atlas
+    Per scan, atlases whose registration failed (:func:`fadal.amplify.result.registration_failures`,
+    judged per scan) are excluded, the best ``cfg.fusion.top_k`` by NCC are fused with ``cfg.fusion.method`` (each atlas
     voting only on the organs it annotated), and the result goes through QC (:mod:`qc`). A scan
     whose atlases all failed, or that QC rejects, gets no label file and is listed under
     ``rejected`` with its reasons. ``progress(stage, done, total)`` is called with stage
@@ -254,7 +254,10 @@ def summarise_site(site: Site, atlases: list[Case], out_dir: Path, cfg: AmplifyC
         mean_confidence={o: round(float(np.mean(v)), 4) for o, v in organ_conf.items()},
         n_amplified_this_run=n_this_run, n_atlases=len(atlases), atlases=[a.case_id for a in atlases],
         n_registrations_this_run=sum(1 for r in results if not r.cached and r.error is None),
-        n_failed_registrations_this_run=sum(1 for r in results if registration_failure(r, cfg.registration)),
+        # Judged per scan, as fusion judges them (the NCC ratio compares the atlases of one scan).
+        n_failed_registrations_this_run=sum(
+            why is not None for k in range(0, len(results), len(atlases))
+            for why in registration_failures(results[k: k + len(atlases)], cfg.registration)),
         registration_seconds_this_run=round(sum(r.seconds for r in results if not r.cached), 3),
         total_seconds=round(seconds, 3), fusion_method=cfg.fusion.method,
         organs_fused=[names[c] for c in fused_all],
