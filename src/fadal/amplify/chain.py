@@ -26,7 +26,7 @@ from pathlib import Path
 from fadal.amplify.cache import KEY_CHARS, path_digest
 from fadal.amplify.pipeline import Progress, amplify_site
 from fadal.amplify.selftrain import SelfTrainSite, refine_site, selftrain
-from fadal.amplify.synthesize import SyntheticPairs, site_synthesizer
+from fadal.amplify.synthesize import SyntheticPairs, site_synthesizer, synthetic_length
 from fadal.config import AmplifyConfig, SelfTrainConfig, SynthesisConfig
 from fadal.data.io import read_record, write_record
 from fadal.data.site import Site, load_site
@@ -35,11 +35,6 @@ from fadal.model.patches import site_training_items
 from fadal.records import AmplificationReport, Plan, SelfTrainStage, SynthesisStage
 
 Log = Callable[[str], None]
-
-
-def synthetic_length(cfg: SynthesisConfig, n_items: int) -> int:
-    """How many synthetic draws per epoch make them a share ``cfg.fraction`` of ``n_items`` real ones."""
-    return max(1, round(cfg.fraction / (1.0 - cfg.fraction) * n_items))
 
 
 def stage_plan(site: Site, cfg: AmplifyConfig) -> Plan:

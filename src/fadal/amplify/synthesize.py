@@ -425,6 +425,11 @@ def build_synthesizer(atlases: Sequence[tuple[str, Path, Path, Sequence[int]]], 
     return pairs
 
 
+def synthetic_length(cfg: SynthesisConfig, n_items: int) -> int:
+    """How many synthetic draws make them a share ``cfg.fraction`` of the samples beside ``n_items`` real ones."""
+    return max(1, round(cfg.fraction / (1.0 - cfg.fraction) * n_items))
+
+
 def site_synthesizer(site, pre: PreprocessConfig, cfg: SynthesisConfig, cache_dir: Path, length: int,
                      max_atlases: int | None = None) -> SyntheticPairs:
     """:func:`build_synthesizer` for a :class:`fadal.data.site.Site`: its labeled cases are the atlases,

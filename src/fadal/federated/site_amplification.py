@@ -32,14 +32,13 @@ def synthetic_pairs(site: Site, amplified: Path | None, cache_dir: Path, cfg: Sy
     """The site's synthetic-pair sampler (a share ``cfg.fraction`` of ``n_items``), or None when no
     transform is usable (every registration failed, or no unlabeled scan): training goes on without.
     (Amplification code is imported only by a site that uses it: a ClientApp stays light.)"""
-    from fadal.amplify.synthesize import site_synthesizer
+    from fadal.amplify.synthesize import site_synthesizer, synthetic_length
 
     if not site.unlabeled or not site.labeled:
         return None
     cache = Path(amplified) / "synthesis" if amplified is not None else private_dir(cache_dir / "synthesis")
-    length = max(1, round(cfg.fraction / (1.0 - cfg.fraction) * n_items))
     try:
-        return site_synthesizer(site, plan.preprocess, cfg, cache, length)
+        return site_synthesizer(site, plan.preprocess, cfg, cache, synthetic_length(cfg, n_items))
     except FadalInputError:
         return None
 
@@ -70,9 +69,6 @@ def refine_with_global_model(model: torch.nn.Module, site: Site, amplified: Path
     from fadal.amplify.selftrain import SelfTrainSite, refine_site
 
     out = private_dir(cache_dir / "selftrain" / f"run{run_id}") / f"round_{server_round}"
-    was_training = model.training
-    model.eval()
-    refine_site(model, SelfTrainSite(site, amplified), out, plan, cfg, server_round, resume=True)
-    model.train(was_training)
+    refine_site(model, SelfTrainSite(site, amplified), out, plan, cfg, server_round, resume=True)  # inference sets eval, fit train
     write_json({"round": server_round, "labels": str(out)}, _state_path(cache_dir, run_id), mode=PRIVATE)
     return out

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
-from fadal.data.io import atomic_path, write_json
+from fadal.data.io import atomic_path, read_record, write_json
 from fadal.errors import FadalInputError
 from fadal.records import GraphCheck, ModelPackageManifest, Plan
 
@@ -78,11 +77,7 @@ def read_manifest(folder: Path) -> ModelPackageManifest:
     if version != ModelPackageManifest.model_fields["schema_version"].default:
         raise FadalInputError(f"{path}: package schema_version {version}, this FADAL reads "
                               f"{ModelPackageManifest.model_fields['schema_version'].default}; export it again")
-    try:
-        return ModelPackageManifest.model_validate(raw)
-    except ValidationError as err:
-        raise FadalInputError(f"{path}: invalid manifest ({err.error_count()} errors: "
-                              f"{err.errors()[0]['loc']} {err.errors()[0]['msg']})") from None
+    return read_record(ModelPackageManifest, path, "package manifest")
 
 
 def load_package(folder: Path) -> LoadedModel:
