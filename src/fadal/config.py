@@ -321,6 +321,9 @@ class FederationConfig(_Strict):
                          "history.json), continue from round r+1 with its weights and history instead of starting over.")
     round_timeout: float = Field(3600.0, gt=0, description="Seconds a round waits for the sites' replies; a site that "
                                  "has not answered by then counts as failed for that round.")
+    join_timeout: float = Field(120.0, gt=0, description="Seconds the coordinator waits, before planning and before the "
+                                "first round, for every site to connect; after it a round starts with the sites "
+                                "connected (at least `min_sites`).")
     secure_aggregation: bool = Field(
         False, description="Flower SecAgg+: each site masks its (example-weighted, quantised) model with pairwise and "
         "private masks, so the coordinator only ever sees masked vectors and their weighted mean. Use when the "

@@ -27,6 +27,9 @@ FINGERPRINT_TASK = "fingerprint"
 
 
 def wait_for_sites(grid: Grid, num_sites: int, timeout: float) -> list[int]:
+    """The connected nodes once ``num_sites`` are, or after ``timeout`` seconds. Flower's strategies
+    size their sample from the nodes connected at that moment, so a round started before every
+    site joined would train on fewer sites than are coming."""
     start = time.monotonic()
     while True:
         nodes = list(grid.get_node_ids())
@@ -35,8 +38,9 @@ def wait_for_sites(grid: Grid, num_sites: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def request_fingerprints(grid: Grid, labels: dict[str, int], num_sites: int, timeout: float) -> list[Fingerprint]:
-    nodes = wait_for_sites(grid, num_sites, timeout)
+def request_fingerprints(grid: Grid, labels: dict[str, int], num_sites: int, timeout: float,
+                         join_timeout: float) -> list[Fingerprint]:
+    nodes = wait_for_sites(grid, num_sites, join_timeout)
     config = ConfigRecord({"task": FINGERPRINT_TASK, "labels": json.dumps(labels)})
     messages = [Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     replies = [m for m in grid.send_and_receive(messages, timeout=timeout) if not m.has_error()]
@@ -54,7 +58,7 @@ def federation_plan(grid: Grid, cfg: FederationConfig, labels: dict[str, int], n
     elif cfg.plan is not None:
         plan = cfg.plan
     else:
-        prints = request_fingerprints(grid, labels, num_sites, cfg.round_timeout)
+        prints = request_fingerprints(grid, labels, num_sites, cfg.round_timeout, cfg.join_timeout)
         plan = cfg.plan_for_strategy(make_plan(merge_fingerprints(prints), labels, cfg.planner))
         log(INFO, "Planned from %s site fingerprints: spacing %s mm, patch %s", len(prints),
             plan.preprocess.spacing_mm, plan.patch_size)

@@ -185,6 +185,8 @@ def run_secure_federation(grid: Grid, context: Context, cfg: FederationConfig, l
     metered, workflow = MeteredGrid(grid), secagg_workflow(cfg)
     thread, stop, registered = start_update_client_manager_thread(grid, legacy.client_manager)
     registered.wait()
+    # The legacy strategy sizes its sample from the clients registered now: wait for every site.
+    legacy.client_manager.wait_for(num_sites, timeout=int(cfg.join_timeout))
     try:
         for rnd in range(done + 1, cfg.rounds + 1):
             log(INFO, "[ROUND %s/%s] secure aggregation", rnd, cfg.rounds)

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fadal.config import FederationConfig
-from fadal.federated.planning import federation_plan
+from fadal.federated.planning import federation_plan, wait_for_sites
 from fadal.federated.rounds import (evaluate_round, load_strategy_state, resume_point, save_round, site_status,
                                     train_config_record, write_history, write_live_page)
 from fadal.records import FederationHistory
@@ -51,6 +51,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], nu
         log(INFO, "Resuming %s after round %s of %s", out, done, cfg.rounds)
     arrays = ArrayRecord(model.state_dict())
     record = train_config_record(cfg, labels, plan)
+    wait_for_sites(grid, num_sites, cfg.join_timeout)
 
     try:
         for rnd in range(done + 1, cfg.rounds + 1):
