@@ -361,7 +361,9 @@ def test_a_hospital_crashes_mid_run_and_the_others_finish(running):
     """min_sites=2: site_C's machine dies after round 1; round 2 is aggregated over site_A and site_B.
 
     Killed with SIGKILL, the SuperNode cannot say goodbye: the SuperLink notices when its heartbeats
-    stop (Flower 1.42: 30 s interval, 2 missed) and answers the ServerApp with an error for it."""
+    stop (2 missed; site_C's interval is shortened to 10 s from Flower's 30 s, so that takes 20 s, not 60)
+    and answers the ServerApp with an error for it."""
+    running.restart_node("site_C", heartbeat_s=10)
     config = running.config("dropout", min_sites=2)
     out = running.out("dropout")
     thread, box = running.submit_in_background(config)
