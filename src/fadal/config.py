@@ -7,7 +7,7 @@ point here. Unknown keys are errors (a typo in a hospital's config must not be s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -233,6 +233,10 @@ class SitePolicy(_Strict):
     max_parameters: int | None = Field(None, ge=1, description="Most parameters of the network the plan describes.")
     max_threads: int | None = Field(None, ge=1, description="Most torch CPU threads; a message asking for 0 "
                                     "(torch's default) gets this many.")
+    allowed_app_bundles: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=list, description="SHA-256 (hex) of app bundles this site runs besides FADAL's own (a "
+        "pyproject.toml naming fadal.federated.client_app:app and no code); any other bundle is refused "
+        "(federated/app_vetting.py). The refusal in the site's log gives a bundle's hash.")
 
     @property
     def requires_dp(self) -> bool:

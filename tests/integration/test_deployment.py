@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -355,6 +356,84 @@ def test_three_hospitals_two_rounds_over_tls(running):
     assert checkpoint_round(out / "global_model.pt") == 2
     # No federated evaluation in this config (evaluate_every 0) and no data on the coordinator: no report.
     assert "no report" in res.output and not (out / "metrics.json").exists()
+
+
+#: A ServerApp (runs at the coordinator) that sends one query to every site and writes what comes back.
+PROBE_SERVER = """\
+import json, time
+from pathlib import Path
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + 60
+    while len(list(grid.get_node_ids())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=120))
+    out = [{"error": m.error.reason if m.has_error() else None} for m in replies]
+    Path(context.run_config["fadal-config"] + ".replies.json").write_text(json.dumps(out))
+"""
+#: A ClientApp that would run at the site; it leaves a mark when its module is imported.
+PROBE_CLIENT = """\
+from pathlib import Path
+from flwr.app import Message, RecordDict
+from flwr.clientapp import ClientApp
+
+with open({marker!r}, "a") as f:
+    f.write("ran\\n")
+app = ClientApp()
+
+@app.query()
+def query(msg, context):
+    return Message(RecordDict(), reply_to=msg)
+"""
+
+
+@pytest.mark.parametrize("bundle", ["shadows-fadal", "other-clientapp"])
+def test_a_bundle_that_is_not_fadals_is_refused_at_every_site(running, bundle):
+    """Only vetted code runs at a hospital. A run whose bundle carries its own `fadal` package (first on the
+    ClientApp's sys.path, it would shadow the installed FADAL) or names another ClientApp is refused by
+    every site before anything of it is imported: one line in the site's log says why, the coordinator
+    gets an opaque code. (The bundle's ServerApp, at the coordinator, is not the site's business.)"""
+    from flwr.cli.build import build_fab_from_disk
+
+    from fadal.federated.app_vetting import FADAL_CLIENTAPP, bundle_hash
+
+    folder, marker = running.root / f"bundle-{bundle}", running.root / f"ran-{bundle}"
+    flower_cli.write_app(folder)
+    toml = (folder / "pyproject.toml").read_text().replace("fadal.federated.server_app:app", "probe_server:app")
+    (folder / "probe_server.py").write_text(PROBE_SERVER)
+    if bundle == "shadows-fadal":
+        for sub in ("fadal", "fadal/federated"):
+            (folder / sub).mkdir()
+            (folder / sub / "__init__.py").write_text("")
+        (folder / "fadal/federated/client_app.py").write_text(PROBE_CLIENT.format(marker=str(marker)))
+    else:
+        toml = toml.replace(FADAL_CLIENTAPP, "probe_client:app")
+        (folder / "probe_client.py").write_text(PROBE_CLIENT.format(marker=str(marker)))
+    (folder / "pyproject.toml").write_text(toml)
+    digest = bundle_hash(build_fab_from_disk(folder))  # what `flwr run` sends (deterministic)
+
+    t0 = time.monotonic()
+    config = running.config(f"refused-{bundle}")
+    result = flower_cli.submit_run(folder, flower_cli.CONNECTION, config, running.coordinator_home, timeout=240)
+    assert result["ok"], f"{result['status']} {result.get('status-details')}\n{result['log'][-4000:]}\n{running.logs()}"
+    replies = json.loads(Path(f"{config}.replies.json").read_text())
+    assert not marker.exists(), "the bundle's ClientApp ran at a site"
+    assert len(replies) == len(SITES) and all(r["error"] for r in replies), replies
+    for r in replies:  # opaque: a code, no path, no detail
+        assert re.search(r"'FADAL-E-REFUSED-app-bundle-[0-9a-f]{4}'", r["error"]), r["error"]
+        assert "/" not in r["error"] and "shadow" not in r["error"], r["error"]
+    for name in SITES:
+        lines = [ln for ln in (running.root / f"{name}.log").read_text().splitlines()
+                 if digest in ln and "refused" in ln]
+        assert lines, f"{name}'s log does not say why it refused bundle {digest}:\n{running.logs()}"
+        assert ("shadow the installed FADAL" if bundle == "shadows-fadal" else "probe_client.py") in lines[-1]
+    print(f"{bundle} refused by every site in {time.monotonic() - t0:.0f} s")
 
 
 def test_a_hospital_crashes_mid_run_and_the_others_finish(running):

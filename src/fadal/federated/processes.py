@@ -16,14 +16,16 @@ import time
 from pathlib import Path
 
 from fadal.errors import FadalInputError
+from fadal.federated.app_vetting import write_shims
 from fadal.federated.certificates import SITE_NAME
 from fadal.federated.flower_cli import executable, flower_env
 
 
-def _popen(cmd: list[str], flwr_home: str | Path, log: str | Path | None) -> subprocess.Popen:
+def _popen(cmd: list[str], flwr_home: str | Path, log: str | Path | None,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
     out = open(log, "ab") if log is not None else None  # noqa: SIM115 - handed to the child
     try:
-        return subprocess.Popen(cmd, env=flower_env(flwr_home), stdout=out, stderr=subprocess.STDOUT if out else None,
+        return subprocess.Popen(cmd, env=env or flower_env(flwr_home), stdout=out, stderr=subprocess.STDOUT if out else None,
                                 stdin=subprocess.DEVNULL)
     finally:
         if out is not None:
@@ -75,6 +77,8 @@ def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: s
     on a machine).
     The paths travel in ``--node-config``: they stay on this machine and are never sent anywhere.
     ``policy``: the site's privacy policy YAML (:class:`fadal.config.SitePolicy`), read by every ClientApp.
+    The SuperNode's ClientApps start through :func:`fadal.federated.app_vetting.write_shims` (first on its
+    PATH): only FADAL's own bundle, or one the policy allow-lists, runs.
     """
     c = Path(certs).resolve()
     paths = {"data-path": Path(data).resolve(), "cache-dir": Path(cache_dir or Path(data) / ".fadal_cache").resolve()}
@@ -88,8 +92,17 @@ def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: s
                            + (["use-amplified=true"] if amplified is not None else []))
     cmd = [executable("flower-supernode"), "--superlink", superlink, "--root-certificates", str(c / "ca.crt"),
            "--auth-supernode-private-key", str(c / "supernode.key"), "--host", "127.0.0.1", "--port", str(port),
-           "--node-config", node_config]
-    return _popen(cmd, flwr_home, log)
+           "--node-config", node_config, "--isolation", "subprocess"]
+    return _popen(cmd, flwr_home, log, env=supernode_env(flwr_home))
+
+
+def supernode_env(flwr_home: str | Path) -> dict[str, str]:
+    """:func:`~fadal.federated.flower_cli.flower_env` with ``FLWR_HOME/fadal-bin`` first on PATH: the checked
+    ``flwr-clientapp`` of :func:`~fadal.federated.app_vetting.write_shims` (rewritten at every start)."""
+    env = flower_env(flwr_home)
+    shims = write_shims(Path(env["FLWR_HOME"]) / "fadal-bin")
+    env["PATH"] = os.pathsep.join([str(shims), env["PATH"]])
+    return env
 
 
 #: A process as (pid, start time): pids are reused quickly on a busy machine (pid_max may be 32768).
