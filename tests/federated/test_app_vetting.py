@@ -187,7 +187,7 @@ def test_supernode_path_starts_with_the_checked_clientapp(tmp_path):
     env = processes.supernode_env(tmp_path / "home")
     shim = shutil.which("flwr-clientapp", path=env["PATH"])
     assert shim == str((tmp_path / "home" / "fadal-bin" / "flwr-clientapp").resolve())
-    assert "fadal.federated.app_vetting import main" in Path(shim).read_text()
+    assert "fadal.federated.warm_clientapp import shim" in Path(shim).read_text()  # app_vetting.main, warm or cold
     for other in ("flwr-agentapp", "flwr-serverapp", "flwr-simulation"):
         assert "refuse_task" in Path(shutil.which(other, path=env["PATH"])).read_text()
 

@@ -182,13 +182,14 @@ _SHIM = """#!/bin/sh
 '''exec' {python} "$0" "$@"
 ' '''
 # Written by `fadal site`: {what} (fadal.federated.app_vetting).
-from fadal.federated.app_vetting import {entry}
+from {module} import {entry}
 {entry}()
 """
 
 
 def write_shims(folder: str | Path, python: str | None = None) -> Path:
-    """Write ``flwr-clientapp`` (:func:`main`) and refusing stubs for Flower's other task executables into
+    """Write ``flwr-clientapp`` (:func:`main`, warm where it can: :func:`fadal.federated.warm_clientapp.shim`)
+    and refusing stubs for Flower's other task executables into
     ``folder`` (the SuperNode's PATH starts there); returns ``folder``.
 
     They run this site's interpreter (``python``, default this one) on the script itself, so ``sys.path``
@@ -204,7 +205,9 @@ def write_shims(folder: str | Path, python: str | None = None) -> Path:
     for command in sorted(set(TASK_TYPE_TO_COMMAND.values()) | {CLIENTAPP_COMMAND}):
         clientapp = command == CLIENTAPP_COMMAND
         path = folder / command
-        path.write_text(_SHIM.format(python=python, entry="main" if clientapp else "refuse_task",
+        path.write_text(_SHIM.format(python=python, module="fadal.federated." + ("warm_clientapp" if clientapp
+                                                                                 else "app_vetting"),
+                                     entry="shim" if clientapp else "refuse_task",
                                      what="Flower's flwr-clientapp after checking the run's app bundle" if clientapp
                                      else f"{command} refused: a site runs ClientApps only"))
         path.chmod(0o755)

@@ -19,6 +19,7 @@ from fadal.errors import FadalInputError
 from fadal.federated.app_vetting import write_shims
 from fadal.federated.certificates import SITE_NAME
 from fadal.federated.flower_cli import executable, flower_env
+from fadal.federated.warm_clientapp import SOCKET_ENV, socket_path
 
 
 def _popen(cmd: list[str], flwr_home: str | Path, log: str | Path | None,
@@ -69,7 +70,8 @@ def start_superlink(certs: str | Path, port: int, database: str | Path, flwr_hom
 
 def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: str, port: int,
                     flwr_home: str | Path, cache_dir: str | Path | None = None, amplified: str | Path | None = None,
-                    log: str | Path | None = None, policy: str | Path | None = None) -> subprocess.Popen:
+                    log: str | Path | None = None, policy: str | Path | None = None,
+                    warm: bool = True) -> subprocess.Popen:
     """Start ``flower-supernode`` for one hospital; its ClientApp reads only ``data`` (and ``amplified``).
 
     ``certs`` is the site's folder of :func:`fadal.federated.certificates.make_certificates` (``ca.crt``,
@@ -79,6 +81,9 @@ def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: s
     ``policy``: the site's privacy policy YAML (:class:`fadal.config.SitePolicy`), read by every ClientApp.
     The SuperNode's ClientApps start through :func:`fadal.federated.app_vetting.write_shims` (first on its
     PATH): only FADAL's own bundle, or one the policy allow-lists, runs.
+    ``warm``: the returned process is :func:`fadal.federated.warm_clientapp.supervise` running the SuperNode,
+    and every ClientApp forks from it with torch and MONAI already imported (``False``: each ClientApp is
+    a fresh interpreter, Flower's default).
     """
     c = Path(certs).resolve()
     paths = {"data-path": Path(data).resolve(), "cache-dir": Path(cache_dir or Path(data) / ".fadal_cache").resolve()}
@@ -93,15 +98,23 @@ def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: s
     cmd = [executable("flower-supernode"), "--superlink", superlink, "--root-certificates", str(c / "ca.crt"),
            "--auth-supernode-private-key", str(c / "supernode.key"), "--host", "127.0.0.1", "--port", str(port),
            "--node-config", node_config, "--isolation", "subprocess"]
-    return _popen(cmd, flwr_home, log, env=supernode_env(flwr_home))
+    if not warm:
+        return _popen(cmd, flwr_home, log, env=supernode_env(flwr_home))
+    sock = socket_path(flwr_home)
+    cmd = [sys.executable, "-m", "fadal.federated.warm_clientapp", "--socket", str(sock), "--", *cmd]
+    return _popen(cmd, flwr_home, log, env=supernode_env(flwr_home, sock))
 
 
-def supernode_env(flwr_home: str | Path) -> dict[str, str]:
+def supernode_env(flwr_home: str | Path, warm_socket: str | Path | None = None) -> dict[str, str]:
     """:func:`~fadal.federated.flower_cli.flower_env` with ``FLWR_HOME/fadal-bin`` first on PATH: the checked
-    ``flwr-clientapp`` of :func:`~fadal.federated.app_vetting.write_shims` (rewritten at every start)."""
+    ``flwr-clientapp`` of :func:`~fadal.federated.app_vetting.write_shims` (rewritten at every start), which
+    hands its work to the warm process at ``warm_socket`` when there is one."""
     env = flower_env(flwr_home)
     shims = write_shims(Path(env["FLWR_HOME"]) / "fadal-bin")
     env["PATH"] = os.pathsep.join([str(shims), env["PATH"]])
+    env.pop(SOCKET_ENV, None)
+    if warm_socket is not None:
+        env[SOCKET_ENV] = str(warm_socket)
     return env
 
 
