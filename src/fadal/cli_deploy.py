@@ -1,5 +1,5 @@
-"""`fadal site-keys`, `fadal certs`, `fadal server`, `fadal site`: the deployment roles (Flower's deployment engine across
-hospitals; see fadal.federated.certificates, processes, flower_cli and the README).
+"""`fadal site-keys`, `fadal certs`, `fadal server`, `fadal site`: the deployment roles (Flower's deployment
+engine across hospitals; see fadal.federated.certificates, processes, flower_cli and the README).
 
 A typer sub-app: cli.py adds it to `fadal` without a group name, so the roles stay `fadal certs` etc."""
 

@@ -150,7 +150,8 @@ def test_registered_key_is_the_hospitals_and_tls_chain_verifies(federation):
     assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
     ca_key = serialization.load_pem_private_key((c / "ca/ca.key").read_bytes(), None)
     assert ca_key.public_key() == ca.public_key()
-    assert (c / "ca/ca.crt").read_bytes() == (c / "coordinator/ca.crt").read_bytes() == (c / "site_A/ca.crt").read_bytes()
+    ca_pem = (c / "ca/ca.crt").read_bytes()
+    assert ca_pem == (c / "coordinator/ca.crt").read_bytes() == (c / "site_A/ca.crt").read_bytes()
 
 
 def _ed25519_pub() -> bytes:
@@ -195,7 +196,8 @@ def test_rerun_adds_sites_reissues_the_server_cert_and_keeps_the_ca(federation, 
     box = inbox(tmp_path, hospital(tmp_path, "site_C"))  # only the new hospital's .pub
     res = invoke("certs", "--site-keys", box, "--out", c, "--server-host", "fl.example.org")
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (c / "coordinator/supernodes").iterdir()) == ["site_A.pub", "site_B.pub", "site_C.pub"]
+    registered = sorted(p.name for p in (c / "coordinator/supernodes").iterdir())
+    assert registered == ["site_A.pub", "site_B.pub", "site_C.pub"]
     assert ((c / "ca/ca.crt").read_bytes(), (c / "ca/ca.key").read_bytes()) == ca_before
     server = x509.load_pem_x509_certificate((c / "coordinator/server.crt").read_bytes())
     assert server.public_bytes(serialization.Encoding.PEM) != server_before
@@ -285,3 +287,21 @@ def test_fadal_site_without_its_key_or_ca_says_what_to_do(tmp_path, tiny_site, m
     certificates.make_site_keys(empty, "site_A")
     res = invoke(*args)
     assert res.exit_code != 0 and "ca.crt" in res.output and "coordinator" in res.output
+
+
+def test_fadal_server_warns_about_a_ca_key_in_its_folder(federation, monkeypatch):
+    """A folder still laid out the old way (ca.key beside server.key) is named at start (no process starts)."""
+    from fadal.federated import flower_cli, processes
+
+    monkeypatch.setattr(processes, "start_superlink", lambda *a, **k: None)
+    monkeypatch.setattr(processes, "wait_for_port", lambda *a, **k: None)
+    monkeypatch.setattr(processes, "wait_foreground", lambda procs: 0)
+    monkeypatch.setattr(flower_cli, "write_connection", lambda *a, **k: None)
+    monkeypatch.setattr(flower_cli, "register_supernodes", lambda *a, **k: ["site_A", "site_B"])
+    c = federation["certs"]
+    args = ["server", "--certs", c / "coordinator", "--home", c.parent / "flwr"]
+    res = invoke(*args)
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+    shutil.copy(c / "ca/ca.key", c / "coordinator/ca.key")
+    res = invoke(*args)
+    assert res.exit_code == 0 and "ca.key" in res.output and "warning" in res.output, res.output

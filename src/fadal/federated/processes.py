@@ -73,8 +73,8 @@ def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: s
     """Start ``flower-supernode`` for one hospital; its ClientApp reads only ``data`` (and ``amplified``).
 
     ``certs`` is the hospital's key folder: ``supernode.key`` from
-    :func:`fadal.federated.certificates.make_site_keys` and the coordinator's ``ca.crt``; ``port`` is the SuperNode's local runtime API (loopback only; one per SuperNode
-    on a machine).
+    :func:`fadal.federated.certificates.make_site_keys` and the coordinator's ``ca.crt``; ``port`` is the
+    SuperNode's local runtime API (loopback only; one per SuperNode on a machine).
     The paths travel in ``--node-config``: they stay on this machine and are never sent anywhere.
     ``policy``: the site's privacy policy YAML (:class:`fadal.config.SitePolicy`), read by every ClientApp.
     The SuperNode's ClientApps start through :func:`fadal.federated.app_vetting.write_shims` (first on its
