@@ -79,7 +79,8 @@ def run_deployment(cfg, views: dict[str, Path], out: Path) -> dict:
     root = out.parent / "deployment_processes"
     root.mkdir(parents=True, exist_ok=True)
     names = [f"site_{s}" for s in views]
-    certs = certificates.make_certificates(root / "certs", names, server_host="127.0.0.1")
+    # One machine plays every party: the trial path, which also makes the sites' keys (in certs/<site>/).
+    certs = certificates.make_trial_certificates(root / "certs", names, server_host="127.0.0.1")
     port = _free_port()
     link_home, coord_home = root / "flwr-superlink", root / "flwr-coordinator"
     started = []

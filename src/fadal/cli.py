@@ -22,7 +22,7 @@ from fadal.errors import FadalInputError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="FADAL: federated few-label 3D CT organ segmentation (amplify labels at each site, "
                        "train one model across sites with Flower, evaluate and export).")
-# The deployment roles (certs, server, site): a typer sub-app added without a group name, so that they stay
+# The deployment roles (site-keys, certs, server, site): a typer sub-app added without a group name, so that they stay
 # `fadal certs`, `fadal server`, `fadal site`.
 app.add_typer(deploy_app)
 # `fadal predict`, `fadal export`, `fadal serve`: inference and what a hospital deploys (cli_navigation.py).

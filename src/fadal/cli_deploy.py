@@ -1,5 +1,5 @@
-"""`fadal certs`, `fadal server`, `fadal site`: the deployment roles (Flower's deployment engine across
-hospitals; see fadal.federated.certificates, processes, flower_cli and the README).
+"""`fadal site-keys`, `fadal certs`, `fadal server`, `fadal site`: the deployment roles (Flower's deployment
+engine across hospitals; see fadal.federated.certificates, processes, flower_cli and the README).
 
 A typer sub-app: cli.py adds it to `fadal` without a group name, so the roles stay `fadal certs` etc."""
 
@@ -44,25 +44,81 @@ def local_address(host: str, port: int) -> str:
 
 @deploy_app.command(rich_help_panel=PANEL)
 def certs(
-    sites: str = typer.Option(..., help="Comma-separated hospital names, e.g. site_A,site_B,site_C (also their "
-                              "SuperNode names)."),
-    out: Path = typer.Option(Path("certs"), help="Output: coordinator/ stays with the coordinator; each <site>/ "
-                             "goes to that hospital only."),
+    site_keys: Optional[Path] = typer.Option(None, help="Folder with each hospital's public key as <site>.pub (made "
+                                             "there with `fadal site-keys`; the file name is the site's name)."),
+    out: Path = typer.Option(Path("certs"), help="Output: coordinator/ is what `fadal server` reads; each <site>/ "
+                             "(its ca.crt) goes to that hospital; ca/ is the CA (see --ca)."),
+    ca: Optional[Path] = typer.Option(None, help="The CA's folder (ca.crt, ca.key), default OUT/ca: made on the "
+                                      "first run, needed again to add sites or re-issue the server certificate. "
+                                      "Keep it offline, never in the SuperLink's folder."),
     server_host: str = typer.Option("127.0.0.1", help="Host name or IP address hospitals use to reach the SuperLink "
                                     "(written into its TLS certificate)."),
+    generate_site_keys: Optional[str] = typer.Option(None, help="TRIALS ON ONE MACHINE ONLY: comma-separated site "
+                                                     "names whose private keys this command generates (in "
+                                                     "OUT/<site>/), so this machine could impersonate them. Across "
+                                                     "hospitals use --site-keys."),
 ) -> None:
-    """Make the federation's keys: a CA, the SuperLink's TLS certificate, one SuperNode key pair per hospital.
+    """Coordinator: make the CA and the SuperLink's TLS certificate, and register the hospitals' public keys.
 
-    Re-run with more sites to add hospitals: the CA and the existing site keys are kept."""
-    from fadal.federated.certificates import make_certificates
+    Each hospital makes its own key pair (`fadal site-keys`) and sends only its <site>.pub: this command
+    never sees a hospital's private key. Re-run with more <site>.pub files to add hospitals (the CA and the
+    sites registered before are kept), or with neither option to re-issue the server certificate."""
+    from fadal.federated.certificates import make_certificates, make_trial_certificates, public_keys_in
 
     try:
-        made = make_certificates(out, [s.strip() for s in sites.split(",") if s.strip()], server_host)
+        if site_keys is not None and generate_site_keys is not None:
+            raise FadalInputError("give --site-keys (the hospitals' public keys) or --generate-site-keys (a trial "
+                                  "on one machine), not both")
+        if generate_site_keys is not None:
+            made = make_trial_certificates(out, [s.strip() for s in generate_site_keys.split(",") if s.strip()],
+                                           server_host, ca_dir=ca)
+        else:
+            made = make_certificates(out, public_keys_in(site_keys) if site_keys is not None else {}, server_host,
+                                     ca_dir=ca)
     except FadalInputError as err:
         fail(err)
-    console.print(f"{made['coordinator']}: stays with the coordinator (ca.key, server.key: secret)")
+    for note in made["notes"]:
+        console.print(note, soft_wrap=True)
+    console.print(f"{made['ca_dir']}: the CA (ca.key: secret). Keep it offline, not on the SuperLink's machine; "
+                  f"give it as --ca to re-run fadal certs", soft_wrap=True)
+    console.print(f"{made['coordinator']}: for `fadal server --certs {made['coordinator']}` (server.key: secret); "
+                  f"sites registered: {', '.join(made['sites'])}", soft_wrap=True)
     for name, folder in made["sites"].items():
-        console.print(f"{folder}: give to {name} only (supernode.key: secret)")
+        if generate_site_keys is not None:
+            console.print(f"{folder}: {name}'s whole folder, including its private key (supernode.key: secret; "
+                          f"trial only)", soft_wrap=True)
+        else:
+            console.print(f"{folder / 'ca.crt'}: send to {name} (public), for the folder that holds its "
+                          f"supernode.key", soft_wrap=True)
+            if (folder / "supernode.key").exists():  # made here by an earlier version of fadal certs
+                console.print(f"[bold yellow]warning:[/] {folder / 'supernode.key'} is {name}'s private key, made "
+                              f"on this machine by an earlier version: once {name} holds it (or made its own), "
+                              f"delete it here", soft_wrap=True)
+
+
+@deploy_app.command("site-keys", rich_help_panel=PANEL)
+def site_keys(
+    name: str = typer.Option(..., help="This site's name (also its SuperNode name): the coordinator registers "
+                             "the key under it."),
+    out: Path = typer.Option(..., help="This hospital's key folder (then give it to `fadal site --certs`)."),
+    force: bool = typer.Option(False, help="Replace an existing private key (the coordinator must then register "
+                               "the new .pub)."),
+) -> None:
+    """Hospital: make this site's SuperNode key pair. Only the .pub goes to the coordinator.
+
+    Writes OUT/supernode.key (secret, mode 0600; it never leaves this machine) and OUT/NAME.pub."""
+    from fadal.federated.certificates import make_site_keys
+
+    try:
+        made = make_site_keys(out, name, force=force)
+    except FadalInputError as err:
+        fail(err)
+    console.print(f"{made['private_key']}: this site's private key (secret, mode 0600): keep it here, send it to "
+                  f"no one", soft_wrap=True)
+    console.print(f"{made['public_key']}: send this file, and only this one, to the coordinator (for "
+                  f"`fadal certs --site-keys`)", soft_wrap=True)
+    console.print(f"Then put the ca.crt the coordinator sends back into {out} and run `fadal site --name {name} "
+                  f"--certs {out} ...`", soft_wrap=True)
 
 
 @deploy_app.command(rich_help_panel=PANEL)
@@ -84,6 +140,9 @@ def server(
     from fadal.federated.processes import start_superlink, stop, wait_for_port, wait_foreground
 
     folder = party_certs(certs, COORDINATOR)
+    if (folder / "ca.key").exists():
+        console.print(f"[bold yellow]warning:[/] {folder / 'ca.key'} (the CA's key) lies in the SuperLink's folder: "
+                      f"re-run `fadal certs` to move it to its own folder, and keep that offline", soft_wrap=True)
     flwr_home = flower_home(home, "server")
     proc = start_superlink(folder, port, database, flwr_home, host=host)
     try:
@@ -101,9 +160,10 @@ def server(
 def site(
     data: Path = typer.Option(..., help="This hospital's site folder (nnU-Net v2 / MSD layout): the only data "
                               "the ClientApp reads."),
-    name: str = typer.Option(..., help="This site's name, as given to `fadal certs --sites`."),
+    name: str = typer.Option(..., help="This site's name, as given to `fadal site-keys --name`."),
     server: str = typer.Option(..., help="The SuperLink's HOST:PORT."),
-    certs: Path = typer.Option(..., help="This hospital's folder from `fadal certs` (ca.crt, supernode.key)."),
+    certs: Path = typer.Option(..., help="This hospital's key folder: supernode.key from `fadal site-keys` and the "
+                               "coordinator's ca.crt."),
     amplified: Optional[Path] = typer.Option(None, help="This site's `fadal amplify` output: train on its "
                                              "pseudo-labels too."),
     cache: Optional[Path] = typer.Option(None, help="Local cache (preprocessed volumes, site-local layers); "

@@ -167,7 +167,7 @@ def test_fadal_site_hands_its_policy_to_every_clientapp(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from fadal.cli import app
-    from fadal.federated import processes
+    from fadal.federated import certificates, processes
 
     started: list[list[str]] = []
     monkeypatch.setattr(processes.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or object())
@@ -175,7 +175,9 @@ def test_fadal_site_hands_its_policy_to_every_clientapp(tmp_path, monkeypatch):
     site = write_site(tmp_path / "site", n_labeled=1, n_unlabeled=0, n_test=0)
     policy = tmp_path / "site_policy.yaml"
     policy.write_text("dp_required: true\n")
-    args = ["site", "--data", str(site), "--name", "site_A", "--server", "127.0.0.1:9", "--certs", str(tmp_path),
+    keys = certificates.make_site_keys(tmp_path / "keys", "site_A")["private_key"].parent  # the hospital's folder
+    (keys / "ca.crt").write_bytes(b"")  # the coordinator's; fadal site only checks that it is there
+    args = ["site", "--data", str(site), "--name", "site_A", "--server", "127.0.0.1:9", "--certs", str(keys),
             "--home", str(tmp_path / "home"), "--policy", str(policy)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -22,9 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from typer.testing import CliRunner
 
 from fadal.federated import certificates, flower_cli, processes
@@ -68,7 +66,14 @@ class Federation:
         from fadal.data.phantom import make_phantom
 
         self.root = root
-        self.certs = certificates.make_certificates(root / "certs", SITES, server_host="127.0.0.1")
+        # As the README's step 1: each hospital makes its key pair in its own folder and sends only its .pub;
+        # the coordinator's `fadal certs` registers those and sends back ca.crt.
+        hospitals = {name: root / "hospitals" / name for name in SITES}
+        pubs = {name: certificates.make_site_keys(folder, name)["public_key"] for name, folder in hospitals.items()}
+        self.certs = certificates.make_certificates(root / "certs", pubs, server_host="127.0.0.1")
+        for name, folder in hospitals.items():
+            shutil.copyfile(self.certs["sites"][name] / "ca.crt", folder / "ca.crt")
+        self.certs["sites"] = hospitals  # what each `fadal site --certs` gets: the hospital's own folder
         self.data = dict(zip(SITES, make_phantom(root / "data", sites=3, labeled=1, unlabeled=0, test=1)))
         self.port = free_port()
         self.node_ports = {name: free_port() for name in SITES}
@@ -274,35 +279,8 @@ def running(federation):
 
 
 # --------------------------------------------------------------------------------------------------
-# No processes: keys, certificates and the app bundle
+# No processes: the app bundle (keys and certificates: tests/federated/test_certificates.py)
 # --------------------------------------------------------------------------------------------------
-
-def test_certificates_keys_and_cli(tmp_path):
-    from fadal.cli import app
-
-    res = CliRunner().invoke(app, ["certs", "--sites", "site_A,site_B", "--out", str(tmp_path / "c"),
-                                   "--server-host", "coordinator.example.org"])
-    assert res.exit_code == 0, res.output
-    c = tmp_path / "c"
-    for secret in ("coordinator/ca.key", "coordinator/server.key", "site_A/supernode.key", "site_B/supernode.key"):
-        assert (c / secret).stat().st_mode & 0o777 == 0o600, secret
-    ca = x509.load_pem_x509_certificate((c / "coordinator/ca.crt").read_bytes())
-    server = x509.load_pem_x509_certificate((c / "coordinator/server.crt").read_bytes())
-    server.verify_directly_issued_by(ca)
-    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert {"coordinator.example.org", "localhost"} <= set(san.get_values_for_type(x509.DNSName))
-    assert "127.0.0.1" in {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-    key = load_ssh_private_key((c / "site_A/supernode.key").read_bytes(), None)  # what flower-supernode reads
-    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
-    assert load_ssh_public_key((c / "coordinator/supernodes/site_A.pub").read_bytes()) == key.public_key()
-    assert (c / "site_A/ca.crt").read_bytes() == (c / "coordinator/ca.crt").read_bytes()
-
-    # Adding a hospital later keeps the CA and the existing hospitals' keys.
-    before = (c / "site_A/supernode.key").read_bytes(), (c / "coordinator/ca.crt").read_bytes()
-    certificates.make_certificates(c, ["site_A", "site_B", "site_C"], "coordinator.example.org")
-    assert ((c / "site_A/supernode.key").read_bytes(), (c / "coordinator/ca.crt").read_bytes()) == before
-    assert (c / "coordinator/supernodes/site_C.pub").exists()
-
 
 def test_app_bundle_is_the_repository_flower_app(tmp_path):
     """`flwr run` ships flower_cli.APP_PYPROJECT; it must say what the repository's pyproject says."""
@@ -324,7 +302,8 @@ def test_app_bundle_is_the_repository_flower_app(tmp_path):
 
 def test_unregistered_supernode_is_refused(running, tmp_path):
     """SuperNode authentication is on: a key the coordinator did not register cannot join."""
-    rogue = certificates.make_certificates(tmp_path / "rogue", ["site_A"])["sites"]["site_A"]  # same name, other key
+    rogue = tmp_path / "rogue"
+    certificates.make_site_keys(rogue, "site_A")  # same name, a key the coordinator never registered
     (rogue / "ca.crt").write_bytes(running.certs["ca_cert"].read_bytes())  # even with the right CA
     proc = running._supernode("site_A", rogue, free_port(), "rogue")
     try:

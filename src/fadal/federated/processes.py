@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fadal.errors import FadalInputError
 from fadal.federated.app_vetting import write_shims
-from fadal.federated.certificates import SITE_NAME
+from fadal.federated.certificates import SITE_KEY, SITE_NAME
 from fadal.federated.flower_cli import executable, flower_env
 from fadal.federated.warm_clientapp import SOCKET_ENV, socket_path
 
@@ -74,9 +74,9 @@ def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: s
                     warm: bool = True) -> subprocess.Popen:
     """Start ``flower-supernode`` for one hospital; its ClientApp reads only ``data`` (and ``amplified``).
 
-    ``certs`` is the site's folder of :func:`fadal.federated.certificates.make_certificates` (``ca.crt``,
-    ``supernode.key``); ``port`` is the SuperNode's local runtime API (loopback only; one per SuperNode
-    on a machine).
+    ``certs`` is the hospital's key folder: ``supernode.key`` from
+    :func:`fadal.federated.certificates.make_site_keys` and the coordinator's ``ca.crt``; ``port`` is the
+    SuperNode's local runtime API (loopback only; one per SuperNode on a machine).
     The paths travel in ``--node-config``: they stay on this machine and are never sent anywhere.
     ``policy``: the site's privacy policy YAML (:class:`fadal.config.SitePolicy`), read by every ClientApp.
     The SuperNode's ClientApps start through :func:`fadal.federated.app_vetting.write_shims` (first on its
@@ -86,6 +86,12 @@ def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: s
     a fresh interpreter, Flower's default).
     """
     c = Path(certs).resolve()
+    if not (c / SITE_KEY).is_file():
+        raise FadalInputError(f"{c}: no {SITE_KEY} (this site's private key); make it here with "
+                              f"`fadal site-keys --name {name} --out {certs}` and send the .pub to the coordinator")
+    if not (c / "ca.crt").is_file():
+        raise FadalInputError(f"{c}: no ca.crt; put here the ca.crt the coordinator sent (its `fadal certs` "
+                              f"output {name}/ca.crt)")
     paths = {"data-path": Path(data).resolve(), "cache-dir": Path(cache_dir or Path(data) / ".fadal_cache").resolve()}
     if amplified is not None:
         paths["amplified-path"] = Path(amplified).resolve()
@@ -96,7 +102,7 @@ def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: s
     node_config = " ".join([f"{k}='{p.as_posix()}'" for k, p in paths.items()] + [f"site-name='{name}'"]
                            + (["use-amplified=true"] if amplified is not None else []))
     cmd = [executable("flower-supernode"), "--superlink", superlink, "--root-certificates", str(c / "ca.crt"),
-           "--auth-supernode-private-key", str(c / "supernode.key"), "--host", "127.0.0.1", "--port", str(port),
+           "--auth-supernode-private-key", str(c / SITE_KEY), "--host", "127.0.0.1", "--port", str(port),
            "--node-config", node_config, "--isolation", "subprocess"]
     if not warm:
         return _popen(cmd, flwr_home, log, env=supernode_env(flwr_home))
