@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -65,6 +66,91 @@ def overhead(history, concurrent: bool) -> dict:
             "per_round_overhead_s": [round(x, 2) for x in per_round]}
 
 
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _role(pid: int, parent_cmdline: bytes | None) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "gone"
+    if parent_cmdline is not None and cmd == parent_cmdline:
+        return "ClientApp"  # a fork of the warm process
+    for needle, role in ((b"fadal.federated.superlink", "SuperLink"), (b"flwr-serverapp", "ServerApp"),
+                         (b"fadal.federated.warm_clientapp", "warm process"), (b"flower-supernode", "SuperNode"),
+                         (b"flower-superexec", "SuperExec"), (b"flwr-clientapp", "ClientApp")):
+        if needle in cmd:
+            return role
+    return "other"
+
+
+class MemorySampler:
+    """RSS of every long-lived Flower/FADAL process, sampled every ``every`` s with the rounds finished so far
+    (``history.json``): shows whether the SuperLink, SuperNodes or the warm processes grow round after round."""
+
+    def __init__(self, handles: list, history: Path, every: float = 2.0) -> None:
+        import threading
+
+        self.handles, self.history, self.every = handles, history, every
+        self.samples: list[dict] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _rounds(self) -> int:
+        try:
+            return len(json.loads(self.history.read_text())["rounds"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    def _run(self) -> None:
+        from fadal.federated.processes import descendants
+
+        while not self.stopped.wait(self.every):
+            sample: dict[str, float] = {}
+            for h in list(self.handles):
+                if h.poll() is not None:
+                    continue
+                try:
+                    own = Path(f"/proc/{h.pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                for pid in [h.pid] + [p for p, _ in descendants(h.pid)]:
+                    role = _role(pid, own if pid != h.pid else None)
+                    key = f"{role} (max)" if role in ("ClientApp", "ServerApp") else f"{role} (sum)"
+                    rss = _rss_mb(pid)
+                    sample[key] = max(sample.get(key, 0.0), rss) if "max" in key else sample.get(key, 0.0) + rss
+            self.samples.append({"round": self._rounds(), **{k: round(v, 1) for k, v in sample.items()}})
+
+    def stop(self) -> dict:
+        """Per process kind: RSS (MB) when round 3 had finished, at the end, and the growth in between."""
+        self.stopped.set()
+        self.thread.join()
+        last = max((s["round"] for s in self.samples), default=0)
+        steady = [s for s in self.samples if s["round"] >= 3]
+        if last < 4 or not steady:
+            return {"rounds_sampled": last, "samples": len(self.samples)}
+        first = [s for s in steady if s["round"] == 3]
+        final = [s for s in steady if s["round"] == last]
+        kinds = sorted({k for s in steady for k in s if k.endswith("(sum)") and "other" not in k and "gone" not in k})
+        table = {}
+        for kind in kinds:
+            a = statistics.median(s.get(kind, 0.0) for s in first)
+            b = statistics.median(s.get(kind, 0.0) for s in final)
+            table[kind] = {"after_round_3_mb": round(a, 1), f"after_round_{last}_mb": round(b, 1),
+                           "growth": round(b / a - 1, 3) if a else None}
+        peaks = {k: max(s.get(k, 0.0) for s in self.samples) for k in ("ClientApp (max)", "ServerApp (max)")}
+        return {"rounds_sampled": last, "samples": len(self.samples), "rss": table,
+                "peak_mb": {k: round(v, 1) for k, v in peaks.items()}}
+
+
 def run_simulation(cfg, out: Path) -> dict:
     from fadal.federated.simulation import simulate
 
@@ -101,9 +187,11 @@ def run_deployment(cfg, views: dict[str, Path], out: Path) -> dict:
         config = root / "fl.yaml"
         config.write_text(yaml.safe_dump(cfg.model_copy(update={"out": out}).model_dump(mode="json")))
         t0 = time.perf_counter()
+        sampler = MemorySampler(started, out / "history.json")
         result = flower_cli.submit_run(flower_cli.write_app(coord_home / "app"), flower_cli.CONNECTION, config, coord_home,
                                    timeout=7200)
         wall = time.perf_counter() - t0
+        memory = sampler.stop()
         if not result["ok"]:
             raise RuntimeError(f"deployment run ended {result['status']}; logs in {root}")
     finally:
@@ -111,7 +199,8 @@ def run_deployment(cfg, views: dict[str, Path], out: Path) -> dict:
     from fadal.federated.rounds import read_history
 
     history = read_history(out / "history.json")
-    return {"wall_s": round(wall, 1), "processes_start_s": round(t_up, 1), **overhead(history, concurrent=True)}
+    return {"wall_s": round(wall, 1), "processes_start_s": round(t_up, 1), **overhead(history, concurrent=True),
+            "memory": memory}
 
 
 def main(argv=None) -> int:
@@ -157,6 +246,15 @@ def main(argv=None) -> int:
               f"{r['clientapp_startup_s']:13.1f}{r['overhead_without_startup_share']:11.2f}")
     print("share = overhead / local training seconds; 'w/o' leaves out the ClientApp processes' start-up "
           "(imports of torch and MONAI: a deployment SuperNode starts one process per message).")
+    memory = doc.get("deployment", {}).get("memory", {})
+    if memory.get("rss"):
+        last = memory["rounds_sampled"]
+        print(f"\nResident memory (MB, sum over a kind's processes; median of samples) after round 3 and round {last}:")
+        for kind, row in memory["rss"].items():
+            growth = f"{100 * row['growth']:+.1f} %" if row["growth"] is not None else "-"
+            print(f"  {kind:<22}{row['after_round_3_mb']:9.1f}{row[f'after_round_{last}_mb']:9.1f}  {growth}")
+        print(f"  peak of one ClientApp {memory['peak_mb']['ClientApp (max)']:.0f} MB, "
+              f"ServerApp {memory['peak_mb']['ServerApp (max)']:.0f} MB")
     print(f"(client/train s: sum over sites in simulation (one at a time), slowest site in deployment (at once)); "
           f"results in {out / 'results.json'}")
     return 0

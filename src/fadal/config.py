@@ -325,6 +325,10 @@ class FederationConfig(_Strict):
                          "history.json), continue from round r+1 with its weights and history instead of starting over.")
     round_timeout: float = Field(3600.0, gt=0, description="Seconds a round waits for the sites' replies; a site that "
                                  "has not answered by then counts as failed for that round.")
+    simulation_backend: Literal["in-process", "ray"] = Field(
+        "in-process", description="Flower simulation engine backend: 'in-process' runs the sites' ClientApps one after "
+        "the other in this process (no Ray start, ~30 s here); 'ray' is Flower's default (Ray actors, one at a time "
+        "with every core and GPU here as well). Deployment is unaffected.")
     join_timeout: float = Field(120.0, gt=0, description="Seconds the coordinator waits, before planning and before the "
                                 "first round, for every site to connect; after it a round starts with the sites "
                                 "connected (at least `min_sites`).")

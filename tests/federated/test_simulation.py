@@ -65,3 +65,24 @@ def test_two_sites_two_rounds_change_global_weights(tmp_path):
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Training" in md and "## Communication" in md and "| all rounds |" in md
     assert str(tmp_path / "run" / "report.html") in result.output.replace("\n", "")
+
+
+def test_both_simulation_backends_give_the_same_federation(tmp_path):
+    """'in-process' (the default: no Ray start) and Flower's Ray backend run the same rounds to the same weights."""
+    import ray
+
+    from fadal.federated.simulation import simulate
+
+    site = write_site(tmp_path / "site_0", n_labeled=1, n_unlabeled=0, n_test=0)
+    weights = {}
+    for backend in ("in-process", "ray"):
+        cfg = FederationConfig(sites=[SiteSpec(name="site_0", data=site)], rounds=2, local_steps=2, evaluate_every=0,
+                               train=TrainConfig(seed=1, num_threads=1), out=tmp_path / backend,
+                               simulation_backend=backend,
+                               planner=PlannerConfig(channels=(4, 8), patch_size=(16, 16, 16), spacing_mm=(8, 8, 8)))
+        history = simulate(cfg)
+        assert [r.sites for r in history.rounds if r.loss is not None] == [1, 1]
+        assert not ray.is_initialized()  # Ray shut down after its run; never started in-process
+        weights[backend] = load_checkpoint(tmp_path / backend / "global_model.pt")[0].state_dict()
+    for key, value in weights["in-process"].items():
+        assert torch.equal(value, weights["ray"][key]), key

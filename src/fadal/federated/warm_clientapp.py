@@ -105,6 +105,8 @@ def preload() -> None:
 
     import fadal.federated.app_vetting  # noqa: F401
     import fadal.federated.client_app  # noqa: F401
+    import fadal.evaluate.evaluate  # noqa: F401 - imported by evaluate messages
+    import fadal.plan.fingerprint  # noqa: F401 - imported by query (fingerprint) messages
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
