@@ -176,14 +176,15 @@ def run_deployment(cfg, views: dict[str, Path], out: Path) -> dict:
                                       host="127.0.0.1", log=root / "superlink.log")
         started.append(link)
         processes.wait_for_port("127.0.0.1", port, link, timeout=120)
-        flower_cli.write_connection(link_home, f"127.0.0.1:{port}", certs["ca_cert"])
+        token = certificates.read_operator_token(certs["operator_token"])  # run submission needs it
+        flower_cli.write_connection(link_home, f"127.0.0.1:{port}", certs["ca_cert"], token=token)
         flower_cli.register_supernodes(certs["coordinator"], link_home)
         for name, (site, data) in zip(names, views.items()):
             started.append(processes.start_supernode(certs["sites"][name], f"127.0.0.1:{port}", data, name, _free_port(),
                                                   root / f"flwr-{name}", cache_dir=root / "cache" / name,
                                                   log=root / f"{name}.log"))
         t_up = time.perf_counter() - t_start
-        flower_cli.write_connection(coord_home, f"127.0.0.1:{port}", certs["ca_cert"])
+        flower_cli.write_connection(coord_home, f"127.0.0.1:{port}", certs["ca_cert"], token=token)
         config = root / "fl.yaml"
         config.write_text(yaml.safe_dump(cfg.model_copy(update={"out": out}).model_dump(mode="json")))
         t0 = time.perf_counter()

@@ -202,8 +202,11 @@ def federate(
     deployment: bool = typer.Option(False, help="Submit the run to a running SuperLink (`fadal server`) whose "
                                     "hospitals run `fadal site`, instead of simulating all sites here."),
     server: Optional[str] = typer.Option(None, help="With --deployment: the SuperLink's HOST:PORT."),
-    certs: Optional[Path] = typer.Option(None, help="With --deployment: the coordinator's folder from `fadal certs` "
-                                         "(its ca.crt verifies the SuperLink)."),
+    certs: Optional[Path] = typer.Option(None, help="With --deployment: the output of `fadal certs` (or its "
+                                         "coordinator/ folder): coordinator/ca.crt verifies the SuperLink, "
+                                         "operator/control.token authenticates this command."),
+    operator_token: Optional[Path] = typer.Option(None, help="With --deployment: the operator's token file "
+                                                  "(default operator/control.token in or beside --certs)."),
     home: Optional[Path] = typer.Option(None, help="With --deployment: Flower's state folder for this command "
                                         "(default ~/.fadal/flower/coordinator)."),
 ) -> None:
@@ -213,7 +216,7 @@ def federate(
     if deployment:
         from fadal.federated.rounds import read_history
 
-        cfg = submit_federation(config, server, certs, home)
+        cfg = submit_federation(config, server, certs, home, operator_token)
         hist_path = Path(cfg.out) / "history.json"
         if hist_path.exists():
             try:

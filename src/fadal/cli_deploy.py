@@ -131,11 +131,14 @@ def server(
                                   "sites, runs); a restarted server continues from it."),
     host: str = typer.Option("0.0.0.0", help="Address to listen on."),
     home: Optional[Path] = typer.Option(None, help="Flower's state folder (default ~/.fadal/flower/server)."),
+    operator_token: Optional[Path] = typer.Option(None, help="The operator's token file (default: operator/"
+                                                  "control.token beside or inside CERTS), to register the sites."),
 ) -> None:
     """Run the coordinator's Flower SuperLink in the foreground (TLS; only registered hospitals may connect).
 
-    Registers every key in CERTS/supernodes/ at start. Ctrl-C stops it."""
-    from fadal.federated.certificates import COORDINATOR
+    Registers every key in CERTS/supernodes/ at start. Runs are taken only with the operator's token
+    (`fadal certs` wrote it to operator/control.token). Ctrl-C stops it."""
+    from fadal.federated.certificates import COORDINATOR, find_operator_token, read_operator_token
     from fadal.federated.flower_cli import register_supernodes, write_connection
     from fadal.federated.processes import start_superlink, stop, wait_for_port, wait_foreground
 
@@ -144,10 +147,14 @@ def server(
         console.print(f"[bold yellow]warning:[/] {folder / 'ca.key'} (the CA's key) lies in the SuperLink's folder: "
                       f"re-run `fadal certs` to move it to its own folder, and keep that offline", soft_wrap=True)
     flwr_home = flower_home(home, "server")
-    proc = start_superlink(folder, port, database, flwr_home, host=host)
+    try:
+        token = read_operator_token(operator_token or find_operator_token(certs))
+        proc = start_superlink(folder, port, database, flwr_home, host=host)
+    except FadalInputError as err:
+        fail(err)
     try:
         wait_for_port(host, port, proc)
-        write_connection(flwr_home, local_address(host, port), folder / "ca.crt")
+        write_connection(flwr_home, local_address(host, port), folder / "ca.crt", token=token)
         registered = register_supernodes(folder, flwr_home)
     except (RuntimeError, TimeoutError, OSError) as err:
         stop([proc])
@@ -208,21 +215,25 @@ def site(
 
 
 def submit_federation(config: Path, server: Optional[str], certs: Optional[Path],
-                      home: Optional[Path]) -> FederationConfig:
+                      home: Optional[Path], operator_token: Optional[Path] = None) -> FederationConfig:
     """`fadal federate --deployment`: submit the federation YAML to the SuperLink and wait for the run.
 
     Returns the run's FederationConfig once the run completed; a run that failed or could not start is an
-    error (exit 2) saying that the output folder keeps the last finished round."""
+    error (exit 2) saying that the output folder keeps the last finished round. The SuperLink takes the
+    run only with the operator's token (``operator_token``, default operator/control.token in or beside
+    ``certs``)."""
     from fadal.config import FederationConfig, load_yaml
-    from fadal.federated.certificates import COORDINATOR
+    from fadal.federated.certificates import COORDINATOR, find_operator_token, read_operator_token
     from fadal.federated.flower_cli import CONNECTION, submit_run, write_app, write_connection
 
     if not server or not certs:
-        fail(FadalInputError("--deployment needs --server HOST:PORT and --certs DIR (the coordinator's folder)"))
+        fail(FadalInputError("--deployment needs --server HOST:PORT and --certs DIR (the output of `fadal certs`, "
+                             "or its coordinator/ folder)"))
     flwr_home = flower_home(home, "coordinator")
     try:
         cfg = load_yaml(FederationConfig, config)
-        write_connection(flwr_home, server, party_certs(certs, COORDINATOR) / "ca.crt")
+        token = read_operator_token(operator_token or find_operator_token(certs))
+        write_connection(flwr_home, server, party_certs(certs, COORDINATOR) / "ca.crt", token=token)
         result = submit_run(write_app(flwr_home / "app"), CONNECTION, config, flwr_home,
                             echo=lambda line: console.print(line, markup=False, highlight=False))
     except (FadalInputError, RuntimeError) as err:

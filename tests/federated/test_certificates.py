@@ -102,7 +102,8 @@ def test_ca_key_is_not_in_the_superlinks_folder(federation):
     coordinator = c / "coordinator"
     assert (c / "ca/ca.key").is_file()
     assert not any(p.name == "ca.key" for p in coordinator.rglob("*"))
-    assert sorted(p.name for p in coordinator.iterdir()) == ["ca.crt", "server.crt", "server.key", "supernodes"]
+    assert sorted(p.name for p in coordinator.iterdir()) == ["ca.crt", "control.sha256", "server.crt", "server.key",
+                                                             "supernodes"]
     assert coordinator.resolve() not in (c / "ca").resolve().parents
     # `fadal server --certs certs` (the whole output) also reads only the coordinator's folder.
     from fadal.cli_deploy import party_certs
@@ -305,3 +306,70 @@ def test_fadal_server_warns_about_a_ca_key_in_its_folder(federation, monkeypatch
     shutil.copy(c / "ca/ca.key", c / "coordinator/ca.key")
     res = invoke(*args)
     assert res.exit_code == 0 and "ca.key" in res.output and "warning" in res.output, res.output
+
+
+def test_the_operator_token_is_the_coordinators_alone_and_the_superlink_holds_only_its_hash(federation, tmp_path):
+    """Run submission (issue 12): `fadal certs` makes the operator's token once, 0600 in its own folder; the
+    SuperLink's folder gets its SHA-256; no site folder gets anything of it. Re-runs keep it."""
+    import hashlib
+
+    c = federation["certs"]
+    token_file = c / "operator" / "control.token"
+    token = certificates.read_operator_token(token_file)
+    assert mode(token_file) == 0o600 and mode(c / "operator") == 0o700 and len(token) >= 43
+    assert sorted(p.name for p in (c / "operator").iterdir()) == ["control.token"]
+    digest = (c / "coordinator" / "control.sha256").read_text().strip()
+    assert digest == hashlib.sha256(token.encode()).hexdigest() == certificates.control_digest(token)
+    everything_else = [p for p in c.rglob("*") if p.is_file() and p != token_file]
+    assert not any(token.encode() in p.read_bytes() for p in everything_else)
+    assert str(token_file) in federation["output"].replace("\n", "")
+    # Found from what `fadal server` / `fadal federate --certs` get: the whole output, the coordinator's or its own.
+    for given in (c, c / "coordinator", c / "operator"):
+        assert certificates.find_operator_token(given) == token_file
+    with pytest.raises(FadalInputError, match="operator token"):
+        certificates.find_operator_token(tmp_path)
+
+    made = certificates.make_certificates(c, {}, "coordinator.example.org")  # a re-run keeps it
+    assert made["operator_token"] == token_file and certificates.read_operator_token(token_file) == token
+    token_file.unlink()  # replacing it: delete and re-run; the digest follows
+    certificates.make_certificates(c, {}, "coordinator.example.org")
+    new = certificates.read_operator_token(token_file)
+    assert new != token and (c / "coordinator/control.sha256").read_text().strip() == certificates.control_digest(new)
+
+    os.chmod(token_file, 0o644)
+    with pytest.raises(FadalInputError, match="readable by others"):
+        certificates.read_operator_token(token_file)
+    with pytest.raises(FadalInputError, match="'operator'"):
+        certificates.make_site_keys(tmp_path / "x", "operator")
+
+
+def test_fadal_server_and_federate_without_the_operator_token_say_what_to_do(federation, monkeypatch):
+    """No process starts without it: `fadal server` could not register the sites, `fadal federate` not submit."""
+    from fadal.federated import processes
+
+    c = federation["certs"]
+    started = []
+    monkeypatch.setattr(processes, "start_superlink", lambda *a, **k: started.append(a))
+    shutil.move(c / "operator", c.parent / "elsewhere")
+    res = invoke("server", "--certs", c / "coordinator", "--home", c.parent / "flwr")
+    assert res.exit_code != 0 and "operator token" in res.output and "fadal certs" in res.output and not started
+    config = c.parent / "fl.yaml"
+    config.write_text("sites: [{name: site_A, data: /nonexistent}]\nlabels: {background: 0, liver: 1}\n")
+    res = invoke("federate", "--config", config, "--deployment", "--server", "127.0.0.1:9", "--certs", c,
+                 "--home", c.parent / "flwr")
+    assert res.exit_code != 0 and "operator token" in res.output and "--operator-token" in res.output
+
+
+def test_the_superlink_does_not_start_without_the_operators_hash(federation, tmp_path):
+    """`fadal server`'s SuperLink never runs with Flower's accept-everyone Control API."""
+    import subprocess
+    import sys
+
+    from fadal.federated import processes
+
+    (federation["certs"] / "coordinator" / "control.sha256").unlink()
+    with pytest.raises(FadalInputError, match="control.sha256"):
+        processes.start_superlink(federation["certs"] / "coordinator", 9, tmp_path / "db", tmp_path / "flwr")
+    bare = subprocess.run([sys.executable, "-m", "fadal.federated.superlink", "--insecure"], capture_output=True,
+                          text=True, timeout=120)
+    assert bare.returncode != 0 and "--fadal-control-digest" in bare.stderr

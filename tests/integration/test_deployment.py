@@ -78,7 +78,10 @@ class Federation:
         self.port = free_port()
         self.node_ports = {name: free_port() for name in SITES}
         self.link_home, self.coordinator_home = root / "flwr-superlink", root / "flwr-coordinator"
-        flower_cli.write_connection(self.coordinator_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"])
+        # The coordinator's operator token (`fadal certs` made it): the SuperLink takes runs only with it.
+        self.token = certificates.read_operator_token(self.certs["operator_token"])
+        flower_cli.write_connection(self.coordinator_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"],
+                                    token=self.token)
         self.app = flower_cli.write_app(self.coordinator_home / "app")
         self.link = None
         self.nodes: dict[str, object] = {}
@@ -91,7 +94,7 @@ class Federation:
                                            self.link_home, host="127.0.0.1", log=self.root / "superlink.log")
         self.started.append(self.link)
         processes.wait_for_port("127.0.0.1", self.port, self.link, timeout=90)
-        flower_cli.write_connection(self.link_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"])
+        flower_cli.write_connection(self.link_home, f"127.0.0.1:{self.port}", self.certs["ca_cert"], token=self.token)
         assert flower_cli.register_supernodes(self.certs["coordinator"], self.link_home) == SITES
 
     def start_node(self, name: str) -> object:

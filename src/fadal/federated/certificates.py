@@ -8,6 +8,9 @@ the coordinator only the public half; the coordinator never sees a hospital's pr
                                                             the SuperLink; needed only to re-run fadal certs)
     certs/coordinator/ca.crt server.crt server.key          what `fadal server` reads (server.key: secret)
     certs/coordinator/supernodes/<site>.pub                 public keys the SuperLink accepts
+    certs/coordinator/control.sha256                        SHA-256 of the operator's token (what the SuperLink checks)
+    certs/operator/control.token                            the coordinator operator's token for run submission
+                                                            (secret, 0600; `fadal server`, `fadal federate`)
     certs/<site>/ca.crt                                     for hospital <site> (public), beside its supernode.key
 
 A hospital's own folder (``fadal site --certs``)::
@@ -18,14 +21,20 @@ A hospital's own folder (``fadal site --certs``)::
 :func:`make_trial_certificates` is for trials on one machine only: it also generates the sites' keys
 (in ``certs/<site>/``, as :func:`make_site_keys` would at each hospital), so the coordinator holds them.
 Every secret is written 0600 from the start.
+
+The operator's token authenticates every call to the SuperLink's Control API (``flwr run``, ``flwr ls``,
+``flwr supernode register``): it is made once and kept on re-runs (delete it and re-run to replace it,
+then restart ``fadal server``); the SuperLink's folder holds only its SHA-256, no site folder anything.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -43,6 +52,14 @@ from fadal.errors import FadalInputError
 COORDINATOR = "coordinator"
 #: The CA's folder name inside the output of :func:`make_certificates` (no site may take it either).
 CA = "ca"
+#: The coordinator operator's folder inside the output of :func:`make_certificates` (who submits runs).
+OPERATOR = "operator"
+#: The operator's secret for the SuperLink's Control API, in the operator's folder.
+CONTROL_TOKEN = "control.token"
+#: Its SHA-256 (hex) in the SuperLink's folder: what ``fadal server`` checks a presented token against.
+CONTROL_DIGEST = "control.sha256"
+#: Folder names no site may take.
+_RESERVED = (COORDINATOR, CA, OPERATOR)
 #: What a site may be called: its SuperNode name, a folder name and a value in ``--node-config``.
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 #: A hospital's private SuperNode key in its own folder (what ``flower-supernode`` reads).
@@ -97,9 +114,9 @@ def _ssh_public(key: ec.EllipticCurvePublicKey, site: str) -> bytes:
 
 
 def _check_site_name(site: str) -> None:
-    if not isinstance(site, str) or not SITE_NAME.match(site) or site in (COORDINATOR, CA):
+    if not isinstance(site, str) or not SITE_NAME.match(site) or site in _RESERVED:
         raise FadalInputError(f"site names must be 1-32 letters, digits, '_', '-', '.' (starting with a letter or "
-                              f"digit) and not {COORDINATOR!r} or {CA!r}; got {site!r}")
+                              f"digit) and not {', '.join(map(repr, _RESERVED))}; got {site!r}")
 
 
 def make_site_keys(folder: str | Path, name: str, force: bool = False) -> dict[str, Path]:
@@ -164,10 +181,62 @@ def public_keys_in(folder: str | Path) -> dict[str, Path]:
     if not keys:
         raise FadalInputError(f"{folder}: no <site>.pub files (each hospital makes one with `fadal site-keys`)")
     for site, path in keys.items():
-        if not SITE_NAME.match(site) or site in (COORDINATOR, CA):
+        if not SITE_NAME.match(site) or site in _RESERVED:
             raise FadalInputError(f"{path}: the file name must be <site>.pub with a site name of 1-32 letters, "
-                                  f"digits, '_', '-', '.' (not {COORDINATOR!r} or {CA!r})")
+                                  f"digits, '_', '-', '.' (not {', '.join(map(repr, _RESERVED))})")
     return keys
+
+
+def control_digest(token: str) -> str:
+    """The SHA-256 (hex) of an operator token: what the SuperLink keeps (the token is 256 random bits)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def read_operator_token(path: str | Path) -> str:
+    """The operator's Control API token from ``path`` (:data:`CONTROL_TOKEN`); refused when others may read it."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise FadalInputError(f"{path}: cannot read the operator token ({getattr(err, 'strerror', None) or err})") \
+            from None
+    if os.name == "posix" and mode & 0o077:
+        raise FadalInputError(f"{path}: the operator token is readable by others (mode {mode:o}): `chmod 600 {path}`, "
+                              f"and replace it (delete it, re-run `fadal certs`, restart `fadal server`) if anyone "
+                              f"else may have read it")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{32,}", token):
+        raise FadalInputError(f"{path}: not an operator token as `fadal certs` writes it (one line of 32 or more "
+                              f"letters, digits, '_' or '-')")
+    return token
+
+
+def find_operator_token(certs: str | Path) -> Path:
+    """The operator token given ``certs``: the whole ``fadal certs`` output, the operator's folder, or the
+    coordinator's folder (then its sibling ``operator/``)."""
+    certs = Path(certs)
+    candidates = [certs / OPERATOR / CONTROL_TOKEN, certs / CONTROL_TOKEN, certs.parent / OPERATOR / CONTROL_TOKEN]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FadalInputError(f"no operator token ({OPERATOR}/{CONTROL_TOKEN}) in or beside {certs}: the SuperLink takes "
+                          f"runs only from the coordinator's operator. Re-run `fadal certs --out DIR` (it makes "
+                          f"DIR/{OPERATOR}/{CONTROL_TOKEN} once; restart `fadal server` after) or give "
+                          f"--operator-token FILE")
+
+
+def _operator_token(out: Path, coord: Path, notes: list[str]) -> Path:
+    """The operator's token in ``out/operator/`` (made on the first run, kept after) and its digest in ``coord``."""
+    path = out / OPERATOR / CONTROL_TOKEN
+    if path.exists():
+        token = read_operator_token(path)
+    else:
+        _private_dir(path.parent)
+        token = secrets.token_urlsafe(32)
+        _write_secret(path, (token + "\n").encode())
+        notes.append(f"made the operator's token for run submission: {path} (secret; stays on the coordinator)")
+    _write_public(coord / CONTROL_DIGEST, (control_digest(token) + "\n").encode())
+    return path
 
 
 def _issue(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
@@ -291,6 +360,7 @@ def make_certificates(out_dir: str | Path, site_keys: Mapping[str, str | Path] |
         seen[der] = site
 
     ca, ca_key, notes = _load_or_make_ca(ca_dir, coord)
+    token = _operator_token(out, coord, notes)
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
     _write_public(coord / "ca.crt", ca_pem)
     server_key = _new_key()
@@ -308,6 +378,7 @@ def make_certificates(out_dir: str | Path, site_keys: Mapping[str, str | Path] |
         "server_cert": coord / "server.crt", "server_key": coord / "server.key",
         "sites": {s: out / s for s in keys}, "public_keys": {s: coord / "supernodes" / f"{s}.pub" for s in keys},
         "added": sorted(given), "notes": notes,
+        "operator_token": token, "control_digest": coord / CONTROL_DIGEST,
     }
 
 

@@ -44,13 +44,48 @@ def flower_env(flwr_home: str | Path) -> dict[str, str]:
     return env
 
 
-def write_connection(flwr_home: str | Path, address: str, ca_cert: str | Path, name: str = CONNECTION) -> Path:
-    """``$FLWR_HOME/config.toml`` naming the SuperLink for ``flwr run/ls/supernode register``."""
-    path = Path(flwr_home) / "config.toml"
+def write_connection(flwr_home: str | Path, address: str, ca_cert: str | Path, name: str = CONNECTION,
+                     token: str | None = None) -> Path:
+    """``$FLWR_HOME/config.toml`` naming the SuperLink for ``flwr run/ls/supernode register``.
+
+    ``token``: the operator's Control API token (:func:`fadal.federated.certificates.read_operator_token`),
+    stored where Flower's own ``flwr`` CLI reads account credentials (``$FLWR_HOME/credentials.yaml``,
+    mode 0600, as ``flwr login`` would store an OIDC token for ``address``), so that every ``flwr``
+    command sends it as ``Authorization: Bearer``. Without one, a token stored for ``address`` before is
+    removed (the SuperLink of ``fadal server`` then refuses this home's Control API calls).
+    """
+    from flwr.cli.constant import ACCESS_TOKEN_STORE_KEY, AUTHN_TYPE_STORE_KEY, REFRESH_TOKEN_STORE_KEY
+    from flwr.common.constant import AuthnType
+    from flwr.supercore.credential_store import FileCredentialStore
+
+    home = Path(flwr_home)
+    path = home / "config.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
                     f'root-certificates = "{Path(ca_cert).resolve().as_posix()}"\n')
+    store = FileCredentialStore(home / "credentials.yaml")  # Flower writes it 0600 (a mkstemp file replaced)
+    keys = (AUTHN_TYPE_STORE_KEY % address, ACCESS_TOKEN_STORE_KEY % address, REFRESH_TOKEN_STORE_KEY % address)
+    if token is None:
+        for key in keys:
+            store.delete(key)
+    else:
+        # The OIDC slots of Flower's CLI: it sends the access token on every call and, after a 401, asks once
+        # to refresh with the refresh token (the same token: refused again, so the call fails).
+        for key, value in zip(keys, (AuthnType.OIDC, token, token)):
+            store.set(key, value.encode())
     return path
+
+
+#: What ``flwr`` prints when the SuperLink's Control API refused its token (or the lack of one).
+_REFUSED = "Authentication failed"
+
+
+def _check_refused(output: str, what: str) -> None:
+    """A clear error instead of Flower's hint to ``flwr login`` (which a FADAL SuperLink has no use for)."""
+    if _REFUSED in output:
+        raise RuntimeError(f"{what}: the SuperLink refused this command (HTTP 401: no operator token, or not the "
+                           f"one `fadal certs` made for it). Give the operator's token: `--certs` with "
+                           f"operator/control.token, or --operator-token FILE. Flower said:\n{output.strip()}")
 
 
 def _flwr(args: list[str], flwr_home: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -71,6 +106,7 @@ def register_supernodes(certs: str | Path, flwr_home: str | Path, federation: st
                                   stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)) for k in keys]
     for key, proc in procs:
         out = proc.communicate(timeout=120)[0]
+        _check_refused(out, f"registering {key}")
         if proc.returncode != 0 and "already in use" not in out:
             raise RuntimeError(f"registering {key} failed:\n{out}")
     return [k.stem for k in keys]
@@ -116,6 +152,7 @@ def write_app(folder: str | Path) -> Path:
 def run_status(federation: str, run_id: int, flwr_home: str | Path) -> dict:
     """The run as ``flwr ls --format json`` reports it (``status`` e.g. ``finished:completed``)."""
     res = _flwr(["ls", federation, "--run-id", str(run_id), "--format", "json"], flwr_home)
+    _check_refused(res.stdout + res.stderr, f"reading the status of run {run_id}")
     try:
         return json.loads(res.stdout)["runs"][0]
     except (json.JSONDecodeError, KeyError, IndexError):
@@ -168,6 +205,7 @@ def submit_run(app_dir: str | Path, federation: str, config_path: str | Path, fl
             proc.terminate()
         proc.wait()
     if run_id is None:
+        _check_refused("".join(lines[-30:]), "flwr run did not start a run")
         raise RuntimeError("flwr run did not start a run:\n" + "".join(lines[-30:]))
     status = run_status(federation, run_id, flwr_home)
     for _ in range(30):  # the stream can end a moment before the status is written

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fadal.errors import FadalInputError
 from fadal.federated.app_vetting import write_shims
-from fadal.federated.certificates import SITE_KEY, SITE_NAME
+from fadal.federated.certificates import CONTROL_DIGEST, SITE_KEY, SITE_NAME
 from fadal.federated.flower_cli import executable, flower_env
 from fadal.federated.warm_clientapp import SOCKET_ENV, socket_path
 
@@ -56,12 +56,17 @@ def start_superlink(certs: str | Path, port: int, database: str | Path, flwr_hom
     ``certs`` is the coordinator folder of :func:`fadal.federated.certificates.make_certificates`. One
     port serves the Fleet API (SuperNodes), the Control API (``flwr run``) and the ServerApp runtime.
     Apps run with the Python environment already installed here: no ``uv sync`` of the app's
-    dependencies on every run. Registering the sites' public keys is
-    :func:`fadal.federated.flower_cli.register_supernodes`, once the port is open.
+    dependencies on every run. The Control API takes only calls with the operator's token (whose SHA-256
+    is ``certs/control.sha256``; see :mod:`fadal.federated.superlink`). Registering the sites' public keys
+    is :func:`fadal.federated.flower_cli.register_supernodes`, once the port is open.
     """
     c = Path(certs).resolve()
-    # Flower's own superlink, with a longer SQLite lock wait (see fadal.federated.superlink).
-    cmd = [sys.executable, "-m", "fadal.federated.superlink", "--host", host, "--port", str(port),
+    if not (c / CONTROL_DIGEST).is_file():
+        raise FadalInputError(f"{c}: no {CONTROL_DIGEST} (the operator token's SHA-256): re-run `fadal certs --out "
+                              f"DIR` (with --ca if the CA is elsewhere) to make the operator's token, then start again")
+    # Flower's own superlink, with a longer SQLite lock wait and the operator token on its Control API.
+    cmd = [sys.executable, "-m", "fadal.federated.superlink", "--fadal-control-digest", str(c / CONTROL_DIGEST),
+           "--host", host, "--port", str(port),
            "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
            "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth",
            "--database", str(Path(database).resolve()), "--disable-runtime-dependency-installation"]
