@@ -19,7 +19,6 @@ touched. Everything else is Flower's own entry point, unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import importlib
 import re
@@ -33,6 +32,8 @@ from flwr.supercore.auth.typing import AccountAuthCredentials, AccountAuthLoginD
 from flwr.supercore.error import ApiErrorCode, FlowerError
 from flwr.supercore.utils import get_metadata_str
 from flwr.superlink.auth_plugin import ControlAuthnPlugin
+
+from fadal.federated.certificates import control_digest
 
 BUSY_TIMEOUT_MS = 60_000
 #: The wrapper's own flag (taken out of argv before Flower parses it): the operator token's SHA-256 file.
@@ -58,7 +59,7 @@ class OperatorTokenPlugin(ControlAuthnPlugin):
 
     def _matches(self, metadata: Sequence[tuple[str, str | bytes]], key: str) -> bool:
         token = get_metadata_str(metadata, key)
-        return token is not None and hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), self._digest)
+        return token is not None and hmac.compare_digest(control_digest(token), self._digest)
 
     @staticmethod
     def _operator() -> AccountInfo:

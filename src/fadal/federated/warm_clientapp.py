@@ -201,13 +201,13 @@ class _Server:
         except OSError:
             data = b""
         if data:  # the shim was told to stop its ClientApp
-            self.signal(pid, signal.SIGTERM)
+            self._send(pid, signal.SIGTERM)
         else:  # the shim is gone: stop the ClientApp, kill it if it does not stop
             self.selector.unregister(conn)
-            self.signal(pid, signal.SIGTERM)
+            self._send(pid, signal.SIGTERM)
             self.kill_at.setdefault(pid, time.monotonic() + GRACE_S)
 
-    def signal(self, pid: int, sig: int) -> None:
+    def _send(self, pid: int, sig: int) -> None:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -239,7 +239,7 @@ class _Server:
         now = time.monotonic()
         for pid, when in list(self.kill_at.items()):
             if now >= when:
-                self.signal(pid, signal.SIGKILL)
+                self._send(pid, signal.SIGKILL)
                 del self.kill_at[pid]
 
     def step(self, timeout: float) -> None:
@@ -252,13 +252,13 @@ class _Server:
 
     def stop(self) -> None:
         for pid in list(self.running):
-            self.signal(pid, signal.SIGTERM)
+            self._send(pid, signal.SIGTERM)
         end = time.monotonic() + GRACE_S
         while self.running and time.monotonic() < end:
             self.reap()
             time.sleep(0.1)
         for pid in list(self.running):
-            self.signal(pid, signal.SIGKILL)
+            self._send(pid, signal.SIGKILL)
         self.reap()
 
 
