@@ -54,6 +54,8 @@ class Settings:
     channels: tuple[int, ...] | None = None  # None: the planner's network
     lr: float = 2e-3
     proximal_mu: float = 0.01
+    server_lr: float = 1.0            # FedAvgM server step on the averaged update (every federated variant)
+    server_momentum: float = 0.0
     distill_weight: float = 1.0
     threads: int = 0                  # torch threads (0 = torch's default: every core)
     variants: tuple[str, ...] = ("local", "centralised", "fedavg", "fedprox", "fedbn", "condist", "loso")
@@ -147,7 +149,8 @@ def federation_config(settings: Settings, views: dict[str, Path], out: Path, pla
     return FederationConfig(sites=[SiteSpec(name=f"site_{s}", data=p) for s, p in views.items()],
                             rounds=settings.rounds, local_steps=settings.local_steps, train=train_cfg, plan=plan,
                             planner=planner_config(settings), evaluate_every=0, out=out,
-                            proximal_mu=settings.proximal_mu, distill_weight=settings.distill_weight, **fed)
+                            proximal_mu=settings.proximal_mu, distill_weight=settings.distill_weight,
+                            server_lr=settings.server_lr, server_momentum=settings.server_momentum, **fed)
 
 
 def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=print) -> dict:
@@ -284,10 +287,12 @@ def main(argv=None) -> int:
     ap.add_argument("--train-per-site", type=int, default=None)
     ap.add_argument("--eval-per-site", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (0 = all cores)")
+    ap.add_argument("--server-lr", type=float, default=None, help="FedAvgM server learning rate (1 = FedAvg)")
+    ap.add_argument("--server-momentum", type=float, default=None, help="FedAvgM server momentum")
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(DEFAULT.variants))
     args = ap.parse_args(argv)
     settings = with_overrides(QUICK if args.quick else DEFAULT, args,
-                              ("rounds", "train_per_site", "eval_per_site", "threads"), {"variants": str})
+                              ("rounds", "train_per_site", "eval_per_site", "threads", "server_lr", "server_momentum"), {"variants": str})
     if not (args.train_data / "cases.json").exists():
         print(f"{args.train_data}: no cases.json (OpenKBP folder expected)", file=sys.stderr)
         return 2

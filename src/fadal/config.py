@@ -289,6 +289,13 @@ class FederationConfig(_Strict):
     )
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight (used by strategy 'fedprox' only).")
     fedopt: FedOptConfig = FedOptConfig()
+    server_lr: float = Field(
+        1.0, gt=0, description="'fedavg'/'fedprox'/'fedbn': the server moves the global model by server_lr x the sites' "
+        "averaged update (Flower's FedAvgM). 1 = plain averaging. Above 1 tries to make up for averaging (the sites' "
+        "steps add up rather than average); on OpenKBP with AdamW at the sites, 3 (the number of sites) collapsed the "
+        "network to background (README, federation benchmark).")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="Server-side momentum of FedAvgM on the averaged "
+                                   "update (0 = none).")
     transfer_dtype: Literal["float32", "float16"] = Field(
         "float32", description="Sites send their arrays as float16 to halve upload size; the server averages in float32."
     )
@@ -370,9 +377,19 @@ class FederationConfig(_Strict):
         return plan
 
     @model_validator(mode="after")
+    def _server_step_fits(self) -> "FederationConfig":
+        if (self.server_lr != 1.0 or self.server_momentum) and self.strategy in ("fedadam", "fedyogi"):
+            raise ValueError(f"server_lr/server_momentum are FedAvgM's; strategy {self.strategy!r} has its own server "
+                             "optimiser (set fedopt.eta / fedopt.beta_1)")
+        return self
+
+    @model_validator(mode="after")
     def _secure_aggregation_fits(self) -> "FederationConfig":
         if not self.secure_aggregation:
             return self
+        if self.server_lr != 1.0 or self.server_momentum:
+            raise ValueError("secure_aggregation hands the server the sites' weighted mean only: server_lr must stay 1 "
+                             "and server_momentum 0")
         if self.strategy not in ("fedavg", "fedprox"):
             raise ValueError(f"secure_aggregation supports strategy 'fedavg' or 'fedprox', not {self.strategy!r} "
                              "(SecAgg+ hands the server only the weighted mean of full models)")

@@ -244,3 +244,32 @@ def test_federated_dice_averages_each_organ_over_the_sites_that_scored_it(tmp_pa
     assert metrics["dice-organB"] == pytest.approx(0.5)
     assert history.rounds[0].dice == {"mean": pytest.approx(0.65), "organA": pytest.approx(0.8),
                                             "organB": pytest.approx(0.5)}
+
+
+def test_server_learning_rate_and_momentum_step_the_global_model_as_fedavgm(tmp_path):
+    """server_lr 2: the global model moves twice the averaged update; momentum carries the last step on;
+    the momentum survives a restart through the strategy state file."""
+    from fadal.federated.rounds import load_strategy_state, save_strategy_state
+
+    cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"], server_lr=2.0, server_momentum=0.5)
+    strategy = build_strategy(cfg, 2, FederationHistory())
+    model = build_network(3, PLAN.network)
+    glob = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    answer = lambda node, msg: _constant_reply(msg, 1.0 if node == 1 else 3.0, 1)  # noqa: E731 - average 2.0
+    answer.nodes = [1, 2]
+    _, _, first, _ = drive_round(strategy, 1, ArrayRecord(model.state_dict()), ConfigRecord(), answer)
+    for k, a in first.items():  # w - 2 * (w - 2) = 4 - w
+        np.testing.assert_allclose(a.numpy(), 4.0 - glob[k], rtol=1e-5, atol=1e-5)
+    save_strategy_state(strategy, tmp_path / "server_state.pt", 1)
+    restarted = build_strategy(cfg, 2, FederationHistory())
+    load_strategy_state(restarted, tmp_path / "server_state.pt", 1)
+    _, _, second, _ = drive_round(restarted, 2, first, ConfigRecord(), answer)
+    for k, a in second.items():  # pseudo-gradient (4 - w) - 2 = 2 - w, momentum 0.5 x (w - 2) + (2 - w) = (2 - w) / 2
+        w1 = 4.0 - glob[k]
+        np.testing.assert_allclose(a.numpy(), w1 - 2.0 * (0.5 * (glob[k] - 2.0) + (w1 - 2.0)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [{"strategy": "fedadam"}, {"secure_aggregation": True}])
+def test_server_learning_rate_is_refused_where_the_server_does_not_average_itself(tmp_path, extra):
+    with pytest.raises(ValueError, match="server_lr"):
+        fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"], server_lr=2.0, **extra)

@@ -153,3 +153,45 @@ def test_a_checkpoint_carries_its_plan_and_anything_else_is_refused_with_the_fil
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(FadalInputError, match="old.pt: checkpoint format 1"):
         load_checkpoint(tmp_path / "old.pt")
+
+
+class SixClasses(torch.nn.Module):
+    """Logits of six classes: background, a bright organ, a left-right ramp, and three classes that never
+    come near winning (one of them at up to ~8 %, under 1/K)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-3, 3, x.shape[2]).view(1, 1, -1, 1, 1).expand_as(x)
+        organ = (x - 0.6) * 20
+        base = torch.zeros_like(x)
+        return torch.cat([base, organ, ramp, base - 2.5, base - 8, base - 12], dim=1)
+
+
+def test_resampling_only_the_classes_that_can_win_gives_the_same_labels_and_confidence():
+    """The reference resamples every class back (what predict_image did before the class subset)."""
+    from monai.transforms import Invertd
+    from monai.data import MetaTensor
+
+    from fadal.data.preprocess import inference_transforms, to_metatensor
+    from fadal.model.infer import classes_that_can_win, network_logits
+
+    small, _ = make_volume(shape=(20, 18, 12), spacing=(1.3, 1.1, 3.0))
+    hu = np.full((18, 40, 44), -1000, np.int16)  # the body in a wider field of air: the crop's fill matters
+    hu[3:15, 10:28, 12:32] = sitk.GetArrayFromImage(small)
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((1.3, 1.1, 3.0))
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    plan = plan_with(PreprocessConfig(spacing_mm=(2.5, 2.5, 2.5), hu_window=(-200.0, 300.0)), (16, 16, 16))
+    label, conf = predict_image(SixClasses(), image, plan, torch.device("cpu"))
+
+    transforms = inference_transforms(plan.preprocess)
+    data = transforms({"image": to_metatensor(image)})
+    prob = torch.softmax(network_logits(SixClasses(), data["image"].as_tensor()[None], plan, torch.device("cpu")), 1)[0]
+    assert classes_that_can_win(prob) == [0, 1, 2]  # class 3 peaks at ~0.08 < 1/6
+    data["pred"] = MetaTensor(prob, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+    back = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False)(data)["pred"].numpy()
+    back[0] += np.clip(1.0 - back.sum(0), 0.0, 1.0)
+    want = back.argmax(0)
+    got = sitk.GetArrayFromImage(label).transpose(2, 1, 0)  # (x, y, z) as MONAI holds it
+    assert {0, 1, 2} <= set(np.unique(want).tolist())
+    assert np.array_equal(got, want)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(conf).transpose(2, 1, 0), back.max(0), atol=1e-5)

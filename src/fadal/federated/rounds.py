@@ -84,11 +84,13 @@ STRATEGY_STATE_VERSION = 2
 
 
 def save_strategy_state(strategy, path: Path, server_round: int) -> None:
-    """What must survive a restart: FedAdam/FedYogi moments and the DP accountant's counts."""
+    """What must survive a restart: FedAdam/FedYogi moments, FedAvgM's momentum and the DP accountant's counts."""
     state: dict = {}
     for key in ("m_t", "v_t"):  # Flower keeps the moments as {name: numpy array}
         if getattr(strategy, key, None) is not None:
             state[key] = {k: torch.from_numpy(np.array(v)) for k, v in getattr(strategy, key).items()}
+    if getattr(strategy, "momentum_vector", None) is not None:  # FedAvgM: a list in the arrays' order
+        state["momentum"] = [torch.from_numpy(np.array(v)) for v in strategy.momentum_vector]
     if getattr(strategy, "privacy", None) is not None:
         state["privacy"] = strategy.privacy.state_dict()
     if state:
@@ -106,6 +108,8 @@ def load_strategy_state(strategy, path: Path, server_round: int) -> None:
     for key in ("m_t", "v_t"):
         if key in state:
             setattr(strategy, key, {k: v.numpy() for k, v in state[key].items()})
+    if "momentum" in state:
+        strategy.momentum_vector = [v.numpy() for v in state["momentum"]]
     if "privacy" in state and getattr(strategy, "privacy", None) is not None:
         strategy.privacy.load_state_dict(state["privacy"])
 

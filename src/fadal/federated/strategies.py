@@ -1,6 +1,7 @@
 """Aggregation strategies: Flower's own, with the same per-round accounting for every one of them.
 
-* ``fedavg``: :class:`flwr.serverapp.strategy.FedAvg`.
+* ``fedavg``: :class:`flwr.serverapp.strategy.FedAvg`, as Flower's :class:`FedAvgM` when ``server_lr`` or
+  ``server_momentum`` is set (the global model moves by server_lr x the averaged update).
 * ``fedprox``: FedAvg on the server; sites add the proximal term (``proximal-mu`` in the train config).
 * ``fedadam`` / ``fedyogi``: Flower's server-side adaptive optimisers (:class:`FedAdam`, :class:`FedYogi`).
 * ``fedbn``: FedAvg over everything except the normalisation layers, which never leave the site
@@ -23,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedYogi
 
 from fadal.config import FederationConfig
 from fadal.federated.privacy import SitePrivacy
@@ -145,8 +146,9 @@ class RecordingMixin:
         return metrics
 
 
-class RecordingFedAvg(RecordingMixin, FedAvg):
-    """FedAvg (also the server side of FedProx and FedBN) with per-round accounting."""
+class RecordingFedAvg(RecordingMixin, FedAvgM):
+    """FedAvg (also the server side of FedProx and FedBN) with per-round accounting; Flower's FedAvgM,
+    which is plain FedAvg at server_learning_rate 1 and server_momentum 0."""
 
 
 class RecordingFedAdam(RecordingMixin, FedAdam):
@@ -188,7 +190,7 @@ def build_strategy(cfg: FederationConfig, min_sites: int, history: FederationHis
         min_available_nodes=min_sites,
     )
     if cfg.strategy in ("fedavg", "fedprox", "fedbn"):
-        return RecordingFedAvg(history, **common)
+        return RecordingFedAvg(history, **common, server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
     opt = dict(eta=cfg.fedopt.eta, eta_l=cfg.train.lr, beta_1=cfg.fedopt.beta_1, beta_2=cfg.fedopt.beta_2,
                tau=cfg.fedopt.tau)
     if cfg.strategy == "fedadam":

@@ -43,19 +43,39 @@ def predict_image(model: torch.nn.Module, image: sitk.Image, plan: Plan, device:
 
     Probabilities (not labels) are resampled back through MONAI's recorded inverse transforms, then
     argmax-ed on the input grid: boundaries stay smooth when the network works at a coarser spacing.
+    Only the classes that can win somewhere go back (:func:`classes_that_can_win`), which gives the same
+    labels and confidence as resampling all of them: a 42-class network on a 512 x 512 series would
+    otherwise resample 42 full-resolution volumes for the two or three organs it found.
     """
     transforms = inference_transforms(plan.preprocess)
     data = transforms({"image": to_metatensor(image)})
     logits = network_logits(model, data["image"].as_tensor()[None], plan, device, amp, overlap)
     prob = torch.softmax(logits.float(), dim=1)[0].cpu()
-    data["pred"] = MetaTensor(prob, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
+    keep = classes_that_can_win(prob)
+    # The last channel is 1 inside the network's (body-cropped) grid; after the inverse it says how much
+    # of each input voxel lay inside it.
+    sub = torch.cat([prob[keep], torch.ones_like(prob[:1])])
+    data["pred"] = MetaTensor(sub, meta=data["image"].meta, applied_operations=data["image"].applied_operations)
     back = Invertd(keys="pred", transform=transforms, orig_keys="image", nearest_interp=False)(data)["pred"]
     back = back.as_tensor().numpy()
+    inside, back = back[-1], back[:-1]
     # Outside the body crop the inverse fills every class with 0: that is background.
-    back[0] += np.clip(1.0 - back.sum(0), 0.0, 1.0)
-    label = back.argmax(0).astype(np.uint8)
+    back[0] += np.clip(1.0 - inside, 0.0, 1.0)
+    label = np.asarray(keep, np.uint8)[back.argmax(0)]
     conf = back.max(0).astype(np.float32)
     return from_array(label, image), from_array(conf, image)
+
+
+def classes_that_can_win(prob: torch.Tensor) -> list[int]:
+    """Background and every class whose probability reaches 1/K somewhere (K classes, ``prob`` (K, ...)).
+
+    Linear resampling makes each output voxel a convex combination of network voxels, so its class
+    probabilities still sum to 1 and its winner has at least 1/K; a class below 1/K at every network
+    voxel stays below it everywhere and can never win (nor be the confidence). A small margin covers
+    float rounding."""
+    k = prob.shape[0]
+    peak = prob.reshape(k, -1).amax(1)
+    return [0] + [c for c in range(1, k) if float(peak[c]) >= 1.0 / k - 1e-4]
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path, labels: dict[str, int], plan: Plan, train_cfg: TrainConfig,
