@@ -6,6 +6,7 @@ Compares, on each site's official validation cases (per-site, per-organ Dice):
 * ``centralised``: all sites' training cases pooled (the upper reference; impossible in practice), as many
   steps as all sites together take in a federation (equal total optimiser steps);
 * ``fedavg``, ``fedprox``, ``fedbn``: Flower federations (marginal partial-label loss);
+* ``cyclic``: cyclic weight transfer, one site per round in turn (sites x rounds rounds: the same total steps);
 * ``condist``: FedAvg + ConDistFL conditional distillation for the organs a case did not draw;
 * ``loso-<site>``: FedAvg over the other sites only, scored on the site it never saw (leave one site out:
   does the model hold on another institution's scanner?).
@@ -58,7 +59,7 @@ class Settings:
     server_momentum: float = 0.0
     distill_weight: float = 1.0
     threads: int = 0                  # torch threads (0 = torch's default: every core)
-    variants: tuple[str, ...] = ("local", "centralised", "fedavg", "fedprox", "fedbn", "condist", "loso")
+    variants: tuple[str, ...] = ("local", "centralised", "fedavg", "fedprox", "cyclic", "fedbn", "condist", "loso")
     sites: tuple[str, ...] = ("A", "B", "C")
     seed: int = 0
 
@@ -146,11 +147,12 @@ def federation_config(settings: Settings, views: dict[str, Path], out: Path, pla
     from fadal.config import FederationConfig, SiteSpec, TrainConfig
 
     train_cfg = TrainConfig(lr=settings.lr, seed=settings.seed, num_threads=settings.threads)
+    rounds = fed.pop("rounds", settings.rounds)
     return FederationConfig(sites=[SiteSpec(name=f"site_{s}", data=p) for s, p in views.items()],
-                            rounds=settings.rounds, local_steps=settings.local_steps, train=train_cfg, plan=plan,
+                            rounds=rounds, local_steps=settings.local_steps, train=train_cfg, plan=plan,
                             planner=planner_config(settings), evaluate_every=0, out=out,
                             proximal_mu=settings.proximal_mu, distill_weight=settings.distill_weight,
-                            server_lr=settings.server_lr, server_momentum=settings.server_momentum, **fed)
+                            **{"server_lr": settings.server_lr, "server_momentum": settings.server_momentum, **fed})
 
 
 def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=print) -> dict:
@@ -221,6 +223,9 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
             results.append(federated("fedavg", strategy="fedavg"))
         elif variant == "fedprox":
             results.append(federated("fedprox", strategy="fedprox"))
+        elif variant == "cyclic":  # one site per round: sites x rounds rounds for the same total steps
+            results.append(federated("cyclic", strategy="cyclic", rounds=settings.rounds * len(views),
+                                     server_lr=1.0, server_momentum=0.0))
         elif variant == "fedbn":
             results.append(federated("fedbn", strategy="fedbn"))
         elif variant == "condist":
@@ -287,12 +292,13 @@ def main(argv=None) -> int:
     ap.add_argument("--train-per-site", type=int, default=None)
     ap.add_argument("--eval-per-site", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (0 = all cores)")
+    ap.add_argument("--seed", type=int, default=None, help="training seed (every variant)")
     ap.add_argument("--server-lr", type=float, default=None, help="FedAvgM server learning rate (1 = FedAvg)")
     ap.add_argument("--server-momentum", type=float, default=None, help="FedAvgM server momentum")
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(DEFAULT.variants))
     args = ap.parse_args(argv)
     settings = with_overrides(QUICK if args.quick else DEFAULT, args,
-                              ("rounds", "train_per_site", "eval_per_site", "threads", "server_lr", "server_momentum"), {"variants": str})
+                              ("rounds", "train_per_site", "eval_per_site", "threads", "server_lr", "server_momentum", "seed"), {"variants": str})
     if not (args.train_data / "cases.json").exists():
         print(f"{args.train_data}: no cases.json (OpenKBP folder expected)", file=sys.stderr)
         return 2

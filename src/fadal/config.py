@@ -281,9 +281,11 @@ class FederationConfig(_Strict):
     rounds: int = Field(10, ge=1)
     local_steps: int = Field(100, ge=1, description="Optimiser steps each site takes per round (the learning-rate "
                              "schedule runs over rounds x local_steps).")
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn"] = Field(
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "cyclic"] = Field(
         "fedavg",
         description="Aggregation strategy: 'fedavg'; 'fedprox' (sites add the proximal term proximal_mu/2 |w - w_global|^2); "
+        "'cyclic' (cyclic weight transfer: each round one site in turn trains the global model, nothing is averaged; "
+        "give it sites x the rounds of a parallel strategy for the same total steps; sites train one after another); "
         "'fedadam'/'fedyogi' (server-side adaptive optimiser, see fedopt); 'fedbn' (normalisation layers stay at "
         "each site and are never sent; the network gets affine instance norm unless plan.network.norm says otherwise).",
     )
@@ -378,9 +380,9 @@ class FederationConfig(_Strict):
 
     @model_validator(mode="after")
     def _server_step_fits(self) -> "FederationConfig":
-        if (self.server_lr != 1.0 or self.server_momentum) and self.strategy in ("fedadam", "fedyogi"):
-            raise ValueError(f"server_lr/server_momentum are FedAvgM's; strategy {self.strategy!r} has its own server "
-                             "optimiser (set fedopt.eta / fedopt.beta_1)")
+        if (self.server_lr != 1.0 or self.server_momentum) and self.strategy in ("fedadam", "fedyogi", "cyclic"):
+            raise ValueError(f"server_lr/server_momentum are FedAvgM's; strategy {self.strategy!r} does not take that server "
+                             "step (fedadam/fedyogi: set fedopt.eta / fedopt.beta_1)")
         return self
 
     @model_validator(mode="after")

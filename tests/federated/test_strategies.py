@@ -273,3 +273,23 @@ def test_server_learning_rate_and_momentum_step_the_global_model_as_fedavgm(tmp_
 def test_server_learning_rate_is_refused_where_the_server_does_not_average_itself(tmp_path, extra):
     with pytest.raises(ValueError, match="server_lr"):
         fed_config(tmp_path, [tmp_path / "a", tmp_path / "b"], server_lr=2.0, **extra)
+
+
+def test_cyclic_trains_one_site_per_round_in_turn_and_takes_its_model(tmp_path):
+    cfg = fed_config(tmp_path, [tmp_path / "a", tmp_path / "b", tmp_path / "c"], strategy="cyclic")
+    history = FederationHistory()
+    strategy = build_strategy(cfg, 3, history)
+    model = build_network(3, PLAN.network)
+    answer = lambda node, msg: _constant_reply(msg, float(node), 5)  # noqa: E731 - the site's id as every weight
+    answer.nodes = [30, 10, 20]
+    arrays = ArrayRecord(model.state_dict())
+    trained = []
+    for rnd in range(1, 5):
+        messages, _, arrays, _ = drive_round(strategy, rnd, arrays, ConfigRecord(), answer)
+        assert len(messages) == 1
+        trained.append(messages[0].metadata.dst_node_id)
+        assert all(np.all(a.numpy() == trained[-1]) for a in arrays.values())  # that site's model, not a mean
+    assert trained == [10, 20, 30, 10]
+    assert [r.sites for r in history.rounds] == [1, 1, 1, 1]
+    evaluate = list(strategy.configure_evaluate(4, arrays, ConfigRecord(), FakeGrid([30, 10, 20])))
+    assert sorted(m.metadata.dst_node_id for m in evaluate) == [10, 20, 30]  # every site scores the model

@@ -4,6 +4,9 @@
   ``server_momentum`` is set (the global model moves by server_lr x the averaged update).
 * ``fedprox``: FedAvg on the server; sites add the proximal term (``proximal-mu`` in the train config).
 * ``fedadam`` / ``fedyogi``: Flower's server-side adaptive optimisers (:class:`FedAdam`, :class:`FedYogi`).
+* ``cyclic``: cyclic weight transfer (Chang et al., JAMIA 2018): each round one site, in turn, trains the
+  global model and the server takes it as it comes back (nothing is averaged). Its rounds are sequential
+  steps, as in pooled training; the sites do not train at the same time.
 * ``fedbn``: FedAvg over everything except the normalisation layers, which never leave the site
   (the server does not send them either; see :func:`fadal.federated.site_task.local_train`).
 
@@ -151,6 +154,33 @@ class RecordingFedAvg(RecordingMixin, FedAvgM):
     which is plain FedAvg at server_learning_rate 1 and server_momentum 0."""
 
 
+class OneSite:
+    """The grid as one site's strategy call sees it: only that node is connected (a view, nothing else)."""
+
+    def __init__(self, grid, node_id: int) -> None:
+        self.grid = grid
+        self.node_id = node_id
+
+    def get_node_ids(self):
+        return [self.node_id]
+
+
+class RecordingCyclic(RecordingMixin, FedAvg):
+    """Cyclic weight transfer with per-round accounting: round r trains at the r-th site in node-id order
+    (round robin); the mean of one reply is that reply. Evaluation asks every site, as for FedAvg."""
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+        nodes = sorted(grid.get_node_ids())
+        if not nodes:
+            return []
+        return super().configure_train(server_round, arrays, config, OneSite(grid, nodes[(server_round - 1) % len(nodes)]))
+
+
+def sites_per_round(cfg: FederationConfig, min_sites: int) -> int:
+    """How many sites must answer a training round: one under 'cyclic', else ``min_sites``."""
+    return 1 if cfg.strategy == "cyclic" else min_sites
+
+
 class RecordingFedAdam(RecordingMixin, FedAdam):
     """Flower's FedAdam with per-round accounting."""
 
@@ -189,6 +219,8 @@ def build_strategy(cfg: FederationConfig, min_sites: int, history: FederationHis
         min_evaluate_nodes=min_sites,
         min_available_nodes=min_sites,
     )
+    if cfg.strategy == "cyclic":
+        return RecordingCyclic(history, **{**common, "min_train_nodes": 1, "min_available_nodes": 1})
     if cfg.strategy in ("fedavg", "fedprox", "fedbn"):
         return RecordingFedAvg(history, **common, server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
     opt = dict(eta=cfg.fedopt.eta, eta_l=cfg.train.lr, beta_1=cfg.fedopt.beta_1, beta_2=cfg.fedopt.beta_2,
