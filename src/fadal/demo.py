@@ -39,6 +39,9 @@ class DemoSettings:
     test: int = 3
     rounds: int = 10
     local_steps: int = 20
+    #: Federation strategy. 'cyclic' trains one site per round, so it runs sites x rounds rounds: the same
+    #: optimiser steps (and, in simulation, the same time) as FedAvg's rounds x sites.
+    strategy: str = "fedavg"
     seed: int = 0
     evaluate_every: int = 3
     registration_resolutions: int = 3
@@ -104,11 +107,13 @@ def run_demo(out: Path, settings: DemoSettings, log: Callable[[str], None] = pri
     from fadal.federated.simulation import simulate  # Flower's simulation engine (Ray): imported once needed
 
     histories = {}
+    cycle = len(sites) if settings.strategy == "cyclic" else 1  # rounds until every site has trained once
     for variant, use_amp in (("federated", False), ("federated+amplified", True)):
         cfg = FederationConfig(
             sites=[SiteSpec(name=s.name, data=s, amplified=out / "amplified" / s.name, use_amplified=use_amp) for s in sites],
-            rounds=settings.rounds, local_steps=settings.local_steps, train=train_cfg, plan=plan,
-            out=out / variant.replace("+", "_"), evaluate_every=settings.evaluate_every,
+            rounds=settings.rounds * cycle, local_steps=settings.local_steps, train=train_cfg, plan=plan,
+            strategy=settings.strategy, out=out / variant.replace("+", "_"),
+            evaluate_every=settings.evaluate_every * cycle,
         )
         histories[variant] = simulate(cfg).report_rounds()
         metrics[variant] = evaluate_checkpoint(cfg.out / "global_model.pt", sites)

@@ -373,3 +373,16 @@ def test_the_superlink_does_not_start_without_the_operators_hash(federation, tmp
     bare = subprocess.run([sys.executable, "-m", "fadal.federated.superlink", "--insecure"], capture_output=True,
                           text=True, timeout=120)
     assert bare.returncode != 0 and "--fadal-control-digest" in bare.stderr
+
+
+def test_a_site_key_other_users_can_read_is_refused_before_anything_starts(tmp_path):
+    from fadal.federated.processes import start_supernode
+
+    keys = tmp_path / "keys"
+    certificates.make_site_keys(keys, "site_a")
+    args = (keys, "127.0.0.1:1", tmp_path, "site_a", 9094, tmp_path / "home")
+    with pytest.raises(FadalInputError, match="no ca.crt"):  # 0600 as made: the key passes, the next check fails
+        start_supernode(*args)
+    os.chmod(keys / "supernode.key", 0o644)
+    with pytest.raises(FadalInputError, match=r"supernode.key: .*readable or writable by other users.*chmod 600"):
+        start_supernode(*args)
