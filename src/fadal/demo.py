@@ -41,7 +41,7 @@ class DemoSettings:
     local_steps: int = 20
     #: Federation strategy. 'cyclic' trains one site per round, so it runs sites x rounds rounds: the same
     #: optimiser steps (and, in simulation, the same time) as FedAvg's rounds x sites.
-    strategy: str = "fedavg"
+    strategy: str = "cyclic"
     seed: int = 0
     evaluate_every: int = 3
     registration_resolutions: int = 3
