@@ -157,8 +157,7 @@ class RecordingFedAvg(RecordingMixin, FedAvgM):
 class OneSite:
     """The grid as one site's strategy call sees it: only that node is connected (a view, nothing else)."""
 
-    def __init__(self, grid, node_id: int) -> None:
-        self.grid = grid
+    def __init__(self, node_id: int) -> None:
         self.node_id = node_id
 
     def get_node_ids(self):
@@ -173,7 +172,7 @@ class RecordingCyclic(RecordingMixin, FedAvg):
         nodes = sorted(grid.get_node_ids())
         if not nodes:
             return []
-        return super().configure_train(server_round, arrays, config, OneSite(grid, nodes[(server_round - 1) % len(nodes)]))
+        return super().configure_train(server_round, arrays, config, OneSite(nodes[(server_round - 1) % len(nodes)]))
 
 
 def sites_per_round(cfg: FederationConfig, min_sites: int) -> int:
