@@ -282,22 +282,16 @@ class FederationConfig(_Strict):
     local_steps: int = Field(100, ge=1, description="Optimiser steps each site takes per round (the learning-rate "
                              "schedule runs over rounds x local_steps).")
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "cyclic"] = Field(
-        "fedavg",
-        description="Aggregation strategy: 'fedavg'; 'fedprox' (sites add the proximal term proximal_mu/2 |w - w_global|^2); "
-        "'cyclic' (cyclic weight transfer: each round one site in turn trains the global model, nothing is averaged; "
-        "give it sites x the rounds of a parallel strategy for the same total steps; sites train one after another); "
-        "'fedadam'/'fedyogi' (server-side adaptive optimiser, see fedopt); 'fedbn' (normalisation layers stay at "
-        "each site and are never sent; the network gets affine instance norm unless plan.network.norm says otherwise).",
-    )
+        "fedavg", description="Aggregation strategy: 'fedavg'; 'fedprox' (sites add the proximal term proximal_mu/2 "
+        "|w - w_global|^2); 'cyclic' (one site per round, in turn, trains the global model: give it sites x the rounds "
+        "for the same steps); 'fedadam'/'fedyogi' (server-side adaptive optimiser, see fedopt); 'fedbn' (normalisation "
+        "layers stay at each site and are never sent; the network gets affine instance norm unless plan.network.norm "
+        "says otherwise).")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx proximal weight (used by strategy 'fedprox' only).")
-    fedopt: FedOptConfig = FedOptConfig()
-    server_lr: float = Field(
-        1.0, gt=0, description="'fedavg'/'fedprox'/'fedbn': the server moves the global model by server_lr x the sites' "
-        "averaged update (Flower's FedAvgM). 1 = plain averaging. Above 1 tries to make up for averaging (the sites' "
-        "steps add up rather than average); on OpenKBP with AdamW at the sites, 3 (the number of sites) collapsed the "
-        "network to background (README, federation benchmark).")
-    server_momentum: float = Field(0.0, ge=0, lt=1, description="Server-side momentum of FedAvgM on the averaged "
-                                   "update (0 = none).")
+    fedopt: FedOptConfig = FedOptConfig()  # fedadam/fedyogi
+    server_lr: float = Field(1.0, gt=0, description="fedavg/fedprox/fedbn: the global model moves by server_lr x the "
+                             "averaged update (Flower's FedAvgM; 1 = plain averaging; 3 collapsed OpenKBP runs, README).")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="FedAvgM's server momentum (0 = none).")
     transfer_dtype: Literal["float32", "float16"] = Field(
         "float32", description="Sites send their arrays as float16 to halve upload size; the server averages in float32."
     )
@@ -380,18 +374,15 @@ class FederationConfig(_Strict):
 
     @model_validator(mode="after")
     def _server_step_fits(self) -> "FederationConfig":
-        if (self.server_lr != 1.0 or self.server_momentum) and self.strategy in ("fedadam", "fedyogi", "cyclic"):
-            raise ValueError(f"server_lr/server_momentum are FedAvgM's; strategy {self.strategy!r} does not take that server "
-                             "step (fedadam/fedyogi: set fedopt.eta / fedopt.beta_1)")
+        fedavgm = self.server_lr != 1.0 or self.server_momentum
+        if fedavgm and (self.secure_aggregation or self.strategy in ("fedadam", "fedyogi", "cyclic")):
+            raise ValueError(f"server_lr/server_momentum are FedAvgM's: not for {self.strategy!r} or secure_aggregation")
         return self
 
     @model_validator(mode="after")
     def _secure_aggregation_fits(self) -> "FederationConfig":
         if not self.secure_aggregation:
             return self
-        if self.server_lr != 1.0 or self.server_momentum:
-            raise ValueError("secure_aggregation hands the server the sites' weighted mean only: server_lr must stay 1 "
-                             "and server_momentum 0")
         if self.strategy not in ("fedavg", "fedprox"):
             raise ValueError(f"secure_aggregation supports strategy 'fedavg' or 'fedprox', not {self.strategy!r} "
                              "(SecAgg+ hands the server only the weighted mean of full models)")
