@@ -94,10 +94,10 @@ def start_supernode(certs: str | Path, superlink: str, data: str | Path, name: s
     if not (c / SITE_KEY).is_file():
         raise FadalInputError(f"{c}: no {SITE_KEY} (this site's private key); make it here with "
                               f"`fadal site-keys --name {name} --out {certs}` and send the .pub to the coordinator")
-    mode = (c / SITE_KEY).stat().st_mode & 0o077
-    if mode and os.name == "posix":  # as ssh does: a key others can read may already be someone else's
+    mode = (c / SITE_KEY).stat().st_mode & 0o777
+    if mode & 0o077 and os.name == "posix":  # as ssh does: a key others can read may already be someone else's
         raise FadalInputError(f"{c / SITE_KEY}: this site's private key is readable or writable by other users "
-                              f"(mode {oct((c / SITE_KEY).stat().st_mode & 0o777)}); run `chmod 600 {c / SITE_KEY}`, "
+                              f"(mode {oct(mode)}); run `chmod 600 {c / SITE_KEY}`, "
                               "and make a new key pair if anyone else may have copied it")
     if not (c / "ca.crt").is_file():
         raise FadalInputError(f"{c}: no ca.crt; put here the ca.crt the coordinator sent (its `fadal certs` "

@@ -23,7 +23,7 @@ from fadal.federated.planning import federation_plan, wait_for_sites
 from fadal.federated.rounds import (evaluate_round, load_strategy_state, resume_point, save_round, site_status,
                                     train_config_record, write_history, write_live_page)
 from fadal.records import FederationHistory
-from fadal.federated.strategies import build_strategy, sites_per_round
+from fadal.federated.strategies import build_strategy
 from fadal.model.engine import seed_everything
 from fadal.model.net import build_network
 
@@ -62,9 +62,9 @@ def run_federation(grid: Grid, cfg: FederationConfig, labels: dict[str, int], nu
             answered = [m for m in replies if not m.has_error()]
             entry = history.entry(rnd)
             entry.site_status = site_status(messages, replies)
-            if len(answered) < sites_per_round(cfg, min_sites):
+            if len(answered) < strategy.min_train_nodes:  # min_sites; 1 under 'cyclic'
                 raise RuntimeError(f"round {rnd}: {len(answered)} of {len(messages)} sites answered, "
-                                   f"{sites_per_round(cfg, min_sites)} must; {out} holds round {rnd - 1}: submit the run "
+                                   f"{strategy.min_train_nodes} must; {out} holds round {rnd - 1}: submit the run "
                                    "again to resume")
             aggregated, _ = strategy.aggregate_train(rnd, replies)
             arrays = aggregated if aggregated is not None else arrays

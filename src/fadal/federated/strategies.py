@@ -175,10 +175,6 @@ class RecordingCyclic(RecordingMixin, FedAvg):
         return super().configure_train(server_round, arrays, config, OneSite(nodes[(server_round - 1) % len(nodes)]))
 
 
-def sites_per_round(cfg: FederationConfig, min_sites: int) -> int:
-    """How many sites must answer a training round: one under 'cyclic', else ``min_sites``."""
-    return 1 if cfg.strategy == "cyclic" else min_sites
-
 
 class RecordingFedAdam(RecordingMixin, FedAdam):
     """Flower's FedAdam with per-round accounting."""
