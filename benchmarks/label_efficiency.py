@@ -12,8 +12,14 @@ others unlabeled. Variants, each cumulative on the one before:
   (fadal.amplify.selftrain);
 * ``full``:       upper bound: every scan of the pool labeled (its real, partial, annotations).
 
-Training is centralised (the sites' data pooled; this benchmark is about amplification, not
-federation), every run the same number of optimiser steps. Scores on the official 'validation'
+Training is centralised by default (the sites' data pooled), every run the same number of optimiser
+steps. ``--federated STRATEGY`` (``cyclic``, ``fedavg``, ``fedprox``) trains every variant as a Flower
+federation instead, amplification inside it as the product does it (``fl.yaml``): each site's
+``amplified`` folder (``fusion``), ``synthesis:`` drawn at the site from its cached transforms
+(``synthesis``), and ``selftrain_every`` half the run (``selftrain``: each site refines its pseudo-labels
+once with the global model it received). The federation takes ``steps`` optimiser steps in all
+(``rounds`` rounds per site); ``full`` is then the *pooled* full-label run (the reference a fraction is
+taken of) and ``full/federated`` the federation with every scan labeled. Scores on the official 'validation'
 cases of each site, in each case's own geometry: per-organ Dice and HD95 (organs scored where drawn),
 and the fraction of the full-label Dice each variant recovers. Pseudo-label quality (Dice of the
 fused and refined labels against the real labels of the "unlabeled" scans) is reported as well.
@@ -21,6 +27,7 @@ fused and refined labels against the real labels of the "unlabeled" scans) is re
     python benchmarks/label_efficiency.py                  # default: 86 min on 2 idle cores (measured)
     python benchmarks/label_efficiency.py --quick          # < 4 min smoke run
     python benchmarks/label_efficiency.py --train-data ../shared/data/openkbp --out runs/bench_label_efficiency
+    python benchmarks/label_efficiency.py --federated cyclic --variants supervised,selftrain
 
 Runtime of the default (3 sites; 4 atlases + 8 unlabeled + 6 validation cases per site; 13 training
 runs of 600 steps on body-cropped 6 mm volumes), measured on this 2-core machine, idle, 2 threads
@@ -73,11 +80,13 @@ class Settings:
     full_label: bool = True
     threads: int = 0                      # torch and ITK threads (0 = the libraries' defaults: every core)
     seed: int = 0
+    federated: str | None = None          # None: pooled training; else the Flower strategy every run uses
+    rounds: int = 10                      # federated: rounds per site (cyclic: sites x this many rounds)
 
 
 DEFAULT = Settings()
 QUICK = Settings(
-    ks=(1,), unlabeled_per_site=2, eval_per_site=1, spacing_mm=10.0, channels=(4, 8, 16), steps=10, plan_minutes=0.2,
+    ks=(1,), unlabeled_per_site=2, eval_per_site=1, spacing_mm=10.0, channels=(4, 8, 16), steps=10, plan_minutes=0.2, rounds=2,
     registration=dict(resolutions=1, affine_iterations=32, bspline_iterations=24, spatial_samples=512,
                       grid_spacing_mm=40.0, workers=1),
     synthesis=dict(fraction=0.5, registration=dict(resolutions=1, affine_iterations=32, bspline_iterations=24,
@@ -244,9 +253,34 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
         timing[key] = round(timing.get(key, 0.0) + dt, 1)
         return dt
 
-    def fit_and_score(name: str, sites: dict, items: list, extra=(), model=None, train_s: float | None = None) -> None:
+    def federate(name: str, view: dict[str, Path], amp_dirs: dict[str, Path] | None = None, synthesis: bool = False,
+                 selftrain: bool = False):
+        """One federation (Flower simulation) of ``settings.steps`` steps in all; returns the global model."""
+        from fadal.config import FederationConfig, SiteSpec
+        from fadal.federated.simulation import simulate
+        from fadal.model.infer import load_checkpoint
+
+        n = len(view)
+        rounds = settings.rounds * (n if settings.federated == "cyclic" else 1)
+        local_steps = max(1, round(settings.steps / (n * settings.rounds)))
+        specs = [SiteSpec(name=f"site_{s}", data=v, amplified=amp_dirs[s] if amp_dirs else None,
+                          use_amplified=bool(amp_dirs)) for s, v in view.items()]
+        cfg = FederationConfig(sites=specs, rounds=rounds, local_steps=local_steps, strategy=settings.federated,
+                               train=train_cfg, plan=net_plan, evaluate_every=0, out=out / "federations" / name.replace("/", "_"),
+                               resume=False, synthesis=syn_cfg if synthesis else None,
+                               selftrain_every=rounds // 2 if selftrain else 0, selftrain=st_cfg)
+        history = simulate(cfg)
+        model, _, _, _ = load_checkpoint(cfg.out / "global_model.pt")
+        return model, {"rounds": rounds, "local_steps": local_steps, "steps": rounds * local_steps * (1 if settings.federated == "cyclic" else n),
+                       "loss_per_round": [round(r.loss, 4) for r in history.rounds if r.loss is not None]}
+
+    def fit_and_score(name: str, sites: dict, items: list, extra=(), model=None, train_s: float | None = None,
+                      fed: dict | None = None) -> None:
         t0 = time.perf_counter()
-        if model is None:
+        if fed is not None:
+            model, info = federate(name, **fed)
+            train_s, steps, loss = add_time("train_s", t0), info["steps"], info["loss_per_round"][-1]
+        elif model is None:
             model, res = train_model(items, net_plan, train_cfg, num_classes, settings.steps, extra)
             train_s, steps, loss = add_time("train_s", t0), res.steps, res.loss
         else:
@@ -257,6 +291,8 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
                       "steps": steps, "final_loss": loss, "train_seconds": round(train_s or 0.0, 1),
                       "eval_seconds": round(add_time("eval_s", t1), 1), **scores}
         d = scores["summary"].get("mean", {}).get("dice")
+        if fed is not None:
+            runs[name]["federation"] = info
         log(f"  {name:<18} mean Dice {d if d is None else round(d, 3)}  (train {train_s or 0:.0f} s, eval {time.perf_counter() - t1:.0f} s)")
         models[name] = model
 
@@ -268,8 +304,9 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
         sites = {s: load_site(v, name=f"site_{s}", validate=False) for s, v in views[key].items()}
         num_classes = next(iter(sites.values())).num_classes
         labeled_items = [it for site in sites.values() for it in site_training_items(site)]
+        fed = settings.federated is not None
         if "supervised" in settings.variants:
-            fit_and_score(f"{key}/supervised", sites, labeled_items)
+            fit_and_score(f"{key}/supervised", sites, labeled_items, fed={"view": views[key]} if fed else None)
         if not set(settings.variants) & {"fusion", "synthesis", "selftrain"}:
             continue
         # Multi-atlas fusion; the registrations are cached per site and shared across k (nested atlases).
@@ -290,11 +327,15 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
                 "n_scans", "n_accepted", "n_rejected", "rejected", "n_atlases", "n_registrations_this_run",
                 "n_failed_registrations_this_run", "registration_seconds_this_run", "total_seconds"})
             amp_dirs[s] = amp
+            if fed:  # the ClientApp finds the site's learned transforms in its amplified folder (shared across k)
+                learned = out / "synthesis_cache" / f"site_{s}"
+                learned.mkdir(parents=True, exist_ok=True)
+                (amp / "synthesis").symlink_to(learned.resolve(), target_is_directory=True)
         add_time("amplify_s", t0)
         pseudo[f"{key}/fusion"] = pseudo_label_dice(amp_dirs, sites, train_data)
         fused_items = [it for s, site in sites.items() for it in site_training_items(site, amp_dirs[s], True)]
         if "fusion" in settings.variants:
-            fit_and_score(f"{key}/fusion", sites, fused_items)
+            fit_and_score(f"{key}/fusion", sites, fused_items, fed={"view": views[key], "amp_dirs": amp_dirs} if fed else None)
         synth = {}
         if set(settings.variants) & {"synthesis", "selftrain"}:
             t0 = time.perf_counter()
@@ -309,8 +350,19 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
             add_time("synthesis_learn_s", t0)
             amplification[f"{key}/synthesis"] = {s: p.summary() for s, p in synth.items()}
             if "synthesis" in settings.variants:
-                fit_and_score(f"{key}/synthesis", sites, fused_items, list(synth.values()))
-        if "selftrain" in settings.variants:
+                fit_and_score(f"{key}/synthesis", sites, fused_items, list(synth.values()),
+                              fed={"view": views[key], "amp_dirs": amp_dirs, "synthesis": True} if fed else None)
+        if "selftrain" in settings.variants and fed:  # refined inside the federation, at the sites
+            fit_and_score(f"{key}/selftrain", sites, fused_items, list(synth.values()),
+                          fed={"view": views[key], "amp_dirs": amp_dirs, "synthesis": True, "selftrain": True})
+            refined = {}
+            for s, site in sites.items():
+                cache = out / "federations" / f"{key}_selftrain" / "cache" / f"site_{s}"
+                latest = sorted(cache.glob("selftrain/run*/latest.json"))
+                if latest:
+                    refined[s] = Path(json.loads(latest[-1].read_text())["labels"])
+            pseudo[f"{key}/selftrain"] = pseudo_label_dice(refined, sites, train_data)
+        elif "selftrain" in settings.variants:
             t0 = time.perf_counter()
             result = selftrain([SelfTrainSite(site, amp_dirs[s], synth.get(s)) for s, site in sites.items()],
                                out / "selftrain" / key, train_cfg, net_plan, st_cfg, steps=settings.steps,
@@ -327,6 +379,9 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
         sites = {s: load_site(v, name=f"site_{s}", validate=False) for s, v in views["full"].items()}
         num_classes = next(iter(sites.values())).num_classes
         fit_and_score("full", sites, [it for site in sites.values() for it in site_training_items(site)])
+        if settings.federated is not None:
+            fit_and_score("full/federated", sites, [it for site in sites.values() for it in site_training_items(site)],
+                          fed={"view": views["full"]})
 
     doc = {
         "settings": asdict(settings), "train_data": str(train_data), "eval_data": str(eval_data),
@@ -386,11 +441,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch/ITK threads (0 = all cores)")
     ap.add_argument("--variants", default=None, help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--no-crop", action="store_true", help="the network sees the whole field of view, not the body's box")
+    ap.add_argument("--federated", choices=("cyclic", "fedavg", "fedprox"), default=None,
+                    help="train every variant as a Flower federation with this strategy (default: pooled)")
+    ap.add_argument("--rounds", type=int, default=None, help="federated: rounds per site")
     args = ap.parse_args(argv)
-    settings = with_overrides(QUICK if args.quick else DEFAULT, args, ("steps", "unlabeled_per_site", "eval_per_site", "threads"),
+    settings = with_overrides(QUICK if args.quick else DEFAULT, args, ("steps", "unlabeled_per_site", "eval_per_site", "threads", "rounds"),
                               {"ks": int, "sites": str, "variants": str})
     if args.no_crop:
         settings = replace(settings, crop_to_body=False)
+    if args.federated:
+        settings = replace(settings, federated=args.federated)
     unknown = set(settings.variants) - set(VARIANTS)
     if unknown:
         print(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
@@ -401,6 +461,9 @@ def main(argv=None) -> int:
         if not (d / "cases.json").exists():
             print(f"{d}: no cases.json (OpenKBP layout expected)", file=sys.stderr)
             return 2
+    if settings.federated:
+        os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     doc = run(settings, train_data, eval_data, args.out.resolve())
     print_tables(doc)
     print(f"\ntotal {doc['timing']['total_s']:.0f} s; results in {args.out / 'results.json'}")

@@ -315,9 +315,9 @@ class FederationConfig(_Strict):
     synthesis: SynthesisConfig | None = Field(None, description="Each site also trains on synthetic pairs drawn on the "
                                               "fly from its own learned transforms (cached at the site: its amplified "
                                               "folder's synthesis/, else its cache), a share `fraction` of its samples.")
-    selftrain_every: int = Field(0, ge=0, description="Every K rounds (from round K+1) each site refines its "
-                                 "pseudo-labels with the global model it received (QC'd, on-site) and trains on them "
-                                 "from then on; 0 = never.")
+    selftrain_every: int = Field(0, ge=0, description="K rounds after its last refinement (from round K+1; when next "
+                                 "asked under cyclic) a site refines its pseudo-labels with the global model it received "
+                                 "(QC'd, on-site) and trains on them from then on; 0 = never.")
     selftrain: SelfTrainConfig = Field(default_factory=SelfTrainConfig, description="How sites refine (`model_confidence`, "
                                        "volume ratios, `qc`); its training fields are unused here.")
     plan: Plan | None = Field(None, description="The network's plan; None = planned at the start of the run from the "

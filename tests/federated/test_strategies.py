@@ -293,3 +293,23 @@ def test_cyclic_trains_one_site_per_round_in_turn_and_takes_its_model(tmp_path):
     assert [r.sites for r in history.rounds] == [1, 1, 1, 1]
     evaluate = list(strategy.configure_evaluate(4, arrays, ConfigRecord(), FakeGrid([30, 10, 20])))
     assert sorted(m.metadata.dst_node_id for m in evaluate) == [10, 20, 30]  # every site scores the model
+
+
+@pytest.mark.parametrize("cyclic, every, expected", [
+    (False, 5, {"a": [6], "b": [6], "c": [6]}),              # every site every round: rounds K+1, 2K+1
+    (False, 3, {"a": [4, 7, 10], "b": [4, 7, 10], "c": [4, 7, 10]}),
+    (True, 15, {"a": [16], "b": [17], "c": [18]}),           # one site per round: each refines once, when next asked
+    (True, 9, {"a": [10, 19, 28], "b": [11, 20, 29], "c": [12, 21, 30]}),
+])
+def test_selftrain_every_counts_rounds_since_the_sites_own_refinement(cyclic, every, expected):
+    from fadal.federated.site_amplification import is_refinement_round
+
+    sites = ["a", "b", "c"]
+    last = {s: 1 for s in sites}
+    refined: dict[str, list[int]] = {s: [] for s in sites}
+    for rnd in range(1, 31 if cyclic else 11):
+        for s in ([sites[(rnd - 1) % 3]] if cyclic else sites):
+            if is_refinement_round(rnd, every, last[s]):
+                refined[s].append(rnd)
+                last[s] = rnd
+    assert refined == expected

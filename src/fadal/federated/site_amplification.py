@@ -6,7 +6,8 @@ reply is still :func:`fadal.federated.site_task.reply`'s arrays and allow-listed
 * ``synthesis``: the site draws synthetic labeled pairs on the fly from its own learned transforms
   (:mod:`fadal.amplify.synthesize`), cached in its amplified folder's ``synthesis/`` (what `fadal amplify`
   learned, when the plan's grid matches) or else in its local cache; learned once, then loaded.
-* ``selftrain-every`` K: in rounds K+1, 2K+1, ... the site first refines its pseudo-labels with the
+* ``selftrain-every`` K: in the first round it is asked to train at least K rounds after its last
+  refinement (rounds K+1, 2K+1, ... when it trains every round), the site first refines its pseudo-labels with the
   global model it just received (:func:`fadal.amplify.selftrain.refine_site`: the model's confident
   voxels against the fusion, QC'd) into ``CACHE/selftrain/run<id>/round_<r>/``, and trains on the
   latest refinement from then on. A restarted site (a deployment's fresh process per message) finds
@@ -55,9 +56,19 @@ def refined_labels(cache_dir: Path, run_id: int) -> Path | None:
     return Path(json.loads(state.read_text())["labels"])
 
 
-def is_refinement_round(server_round: int, every: int) -> bool:
-    """Rounds K+1, 2K+1, ...: the global model has had K rounds since the last refinement."""
-    return every > 0 and server_round > 1 and (server_round - 1) % every == 0
+def last_refinement_round(cache_dir: Path, run_id: int) -> int:
+    """The round of this run's latest refinement at the site; 1 before the first (the model of round 1
+    is the first one a site could refine with)."""
+    state = _state_path(cache_dir, run_id)
+    return int(json.loads(state.read_text())["round"]) if state.exists() else 1
+
+
+def is_refinement_round(server_round: int, every: int, last_round: int = 1) -> bool:
+    """True once the global model has had ``every`` rounds since the site's last refinement (rounds
+    K+1, 2K+1, ... when the site trains every round). Counted from the site's own last refinement, not
+    from fixed rounds: under 'cyclic' or fraction_train < 1 a site is not asked every round, and a fixed
+    schedule would skip a site that is never asked in round K+1."""
+    return every > 0 and server_round > 1 and server_round - last_round >= every
 
 
 def refine_with_global_model(model: torch.nn.Module, site: Site, amplified: Path | None, cache_dir: Path,
