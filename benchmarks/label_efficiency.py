@@ -444,8 +444,10 @@ def main(argv=None) -> int:
     ap.add_argument("--federated", choices=("cyclic", "fedavg", "fedprox"), default=None,
                     help="train every variant as a Flower federation with this strategy (default: pooled)")
     ap.add_argument("--rounds", type=int, default=None, help="federated: rounds per site")
+    ap.add_argument("--plan-minutes", type=float, default=None,
+                    help="the plan's patch is sized so that --steps steps take about this long (scale it with --steps)")
     args = ap.parse_args(argv)
-    settings = with_overrides(QUICK if args.quick else DEFAULT, args, ("steps", "unlabeled_per_site", "eval_per_site", "threads", "rounds"),
+    settings = with_overrides(QUICK if args.quick else DEFAULT, args, ("steps", "unlabeled_per_site", "eval_per_site", "threads", "rounds", "plan_minutes"),
                               {"ks": int, "sites": str, "variants": str})
     if args.no_crop:
         settings = replace(settings, crop_to_body=False)
