@@ -24,18 +24,18 @@ cases of each site, in each case's own geometry: per-organ Dice and HD95 (organs
 and the fraction of the full-label Dice each variant recovers. Pseudo-label quality (Dice of the
 fused and refined labels against the real labels of the "unlabeled" scans) is reported as well.
 
-    python benchmarks/label_efficiency.py                  # default: 86 min on 2 idle cores (measured)
-    python benchmarks/label_efficiency.py --quick          # < 4 min smoke run
+    python benchmarks/label_efficiency.py                  # default (pooled): not re-run on the new engine
+    python benchmarks/label_efficiency.py --quick          # < 4 min smoke run (add --federated cyclic: ~2 min)
     python benchmarks/label_efficiency.py --train-data ../shared/data/openkbp --out runs/bench_label_efficiency
-    python benchmarks/label_efficiency.py --federated cyclic --variants supervised,selftrain
+    python benchmarks/label_efficiency.py --federated cyclic --variants supervised,selftrain               # 52 min
+    python benchmarks/label_efficiency.py --federated cyclic --variants supervised,selftrain --steps 1800 --plan-minutes 15
 
-Runtime of the default (3 sites; 4 atlases + 8 unlabeled + 6 validation cases per site; 13 training
-runs of 600 steps on body-cropped 6 mm volumes), measured on this 2-core machine, idle, 2 threads
-(2026-11-27): 5143 s in all -- training 3152 s (280-365 s per run, ~0.5 s per step), self-training
-1053 s (refinement 33 s, the rest its retraining), atlas registration + fusion 553 s (96 pairs, 2
-workers), synthesis registrations 185 s, 234 validation predictions with Dice/HD95 197 s.
-``timing`` in results.json records what each stage really took. Without the body crop
-(``--no-crop``) a step costs ~1.7x as much: the default would not fit in 90 minutes.
+Measured on this 2-core machine, idle (2026-12-03), federated (cyclic) runs of supervised + selftrain for
+k = 1, 2, 4 plus the two full-label runs (8 trainings): 3106 s at 600 steps (training 1765 s, 141-344 s a run;
+registration + fusion 428 s; synthesis 186 s; 144 validation predictions with Dice/HD95 723 s); 4732 s at 1800
+steps with the registrations and transforms already cached (training 3971 s, 409-702 s a run; a cold run adds
+~10 min). At 600 steps the full-label bound misses the organs few scans draw (README): use 1800.
+``timing`` in results.json records what each stage really took.
 """
 
 from __future__ import annotations
