@@ -378,10 +378,10 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
         log("--- full labels (upper bound)")
         sites = {s: load_site(v, name=f"site_{s}", validate=False) for s, v in views["full"].items()}
         num_classes = next(iter(sites.values())).num_classes
-        fit_and_score("full", sites, [it for site in sites.values() for it in site_training_items(site)])
+        items = [it for site in sites.values() for it in site_training_items(site)]
+        fit_and_score("full", sites, items)
         if settings.federated is not None:
-            fit_and_score("full/federated", sites, [it for site in sites.values() for it in site_training_items(site)],
-                          fed={"view": views["full"]})
+            fit_and_score("full/federated", sites, items, fed={"view": views["full"]})
 
     doc = {
         "settings": asdict(settings), "train_data": str(train_data), "eval_data": str(eval_data),

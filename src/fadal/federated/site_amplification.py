@@ -48,19 +48,14 @@ def _state_path(cache_dir: Path, run_id: int) -> Path:
     return cache_dir / "selftrain" / f"run{run_id}" / "latest.json"
 
 
-def refined_labels(cache_dir: Path, run_id: int) -> Path | None:
-    """The folder of this run's latest refinement at the site, None before the first."""
+def latest_refinement(cache_dir: Path, run_id: int) -> tuple[Path | None, int]:
+    """This run's latest refinement at the site: its labels folder and round; (None, 1) before the first
+    (the model of round 1 is the first one a site could refine with)."""
     state = _state_path(cache_dir, run_id)
     if not state.exists():
-        return None
-    return Path(json.loads(state.read_text())["labels"])
-
-
-def last_refinement_round(cache_dir: Path, run_id: int) -> int:
-    """The round of this run's latest refinement at the site; 1 before the first (the model of round 1
-    is the first one a site could refine with)."""
-    state = _state_path(cache_dir, run_id)
-    return int(json.loads(state.read_text())["round"]) if state.exists() else 1
+        return None, 1
+    doc = json.loads(state.read_text())
+    return Path(doc["labels"]), int(doc["round"])
 
 
 def is_refinement_round(server_round: int, every: int, last_round: int = 1) -> bool:

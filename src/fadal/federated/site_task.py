@@ -291,8 +291,7 @@ def amplified_training_data(model: torch.nn.Module, site: Site, runtime: SiteRun
     """What this round trains on: real labels, the site's pseudo-labels (fused, or refined by a global
     model in a self-training round and kept from then on) and synthetic pairs (see site_amplification)."""
     baseline = runtime.amplified if runtime.use_amplified else None
-    refined = amp.refined_labels(runtime.cache_dir, opts.run_id)
-    last = amp.last_refinement_round(runtime.cache_dir, opts.run_id)
+    refined, last = amp.latest_refinement(runtime.cache_dir, opts.run_id)
     if opts.selftrain is not None and amp.is_refinement_round(opts.server_round, opts.selftrain_every, last):
         refined = amp.refine_with_global_model(model, site, baseline, runtime.cache_dir, opts.selftrain, rc.plan,
                                                opts.run_id, opts.server_round)

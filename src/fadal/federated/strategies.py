@@ -175,7 +175,6 @@ class RecordingCyclic(RecordingMixin, FedAvg):
         return super().configure_train(server_round, arrays, config, OneSite(nodes[(server_round - 1) % len(nodes)]))
 
 
-
 class RecordingFedAdam(RecordingMixin, FedAdam):
     """Flower's FedAdam with per-round accounting."""
 
