@@ -114,14 +114,14 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-5, ge=0)
     schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="Learning-rate decay over the run: "
                                                             "'poly' lr*(1-t)^0.9 (nnU-Net), 'cosine', or none.")
-    foreground_fraction: float = Field(0.67, ge=0, le=1, description="Share of patches centred on an organ voxel: "
-                                       "an organ drawn in that case, chosen uniformly among them (small organs are "
-                                       "seen as often as large ones); the rest are centred anywhere.")
+    foreground_fraction: float = Field(0.67, ge=0, le=1, description="Share of patches centred on a voxel of an "
+                                       "organ the case drew (see foreground_balance); the rest are centred anywhere.")
     foreground_balance: Literal["case", "dataset"] = Field(
-        "dataset", description="How the organ of a foreground patch is chosen: 'dataset' uniformly among all organs "
-        "any case annotated, then a case that drew it (rarely annotated organs are seen as often as the others; "
-        "on OpenKBP, where 59 of 170 cases draw the esophagus, this took its Dice from 0.00 to 0.57); 'case' "
-        "uniformly among the organs the drawn case annotated.")
+        "dataset", description="How the organ of a foreground patch is chosen: 'dataset' uniformly among all organs any "
+        "case annotated, then a case that drew it (on OpenKBP, where 59 of 170 cases draw the esophagus, this took its "
+        "Dice from 0.00 to 0.57); 'case' uniformly among the organs the drawn case annotated.")
+    amplified_weight: float = Field(1.0, gt=0, description="How often a pseudo-labeled scan is drawn relative to "
+                                    "a real annotation (1 = as often; 0.5 = half as often).")
     augment: AugmentConfig = AugmentConfig()
     confidence_threshold: float = Field(
         0.7, ge=0, le=1, description="Amplified-label voxels with lower fusion confidence are ignored by the loss."

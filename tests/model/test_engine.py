@@ -64,6 +64,27 @@ def test_dataset_balance_sees_a_rarely_drawn_organ_as_often_as_the_others():
     assert share["case"] < 0.2 and 0.35 < share["dataset"] < 0.65
 
 
+def test_amplified_weight_draws_pseudo_labels_that_much_less_often_than_real_annotations():
+    """2 real and 4 pseudo-labeled volumes (told apart by their image value): by default a pseudo-label
+    is drawn as often as a real one (4/6 of the patches), with amplified_weight 0.25 a quarter as often
+    (1/3), both for foreground patches chosen by organ and for patches centred anywhere."""
+    plan = tiny_plan((4, 8), patch=(8, 8, 8))
+    rng = np.random.default_rng(0)
+    vols = []
+    for amplified in (False, False, True, True, True, True):
+        item = _two_organ_volume([1])
+        item["label"] = (item["label"] == 1).float()
+        item["image"] = torch.full_like(item["label"], float(amplified))
+        vols.append(make_volume({**item, "amplified": amplified}, plan.patch_size, 3, rng))
+    for fg in (1.0, 0.0):
+        share = {}
+        for weight in (1.0, 0.25):
+            sampler = PatchSampler(vols, plan, foreground_fraction=fg, augment=NO_AUG, num_classes=3, seed=4,
+                                   amplified_weight=weight)
+            share[weight] = np.mean([float(sampler.draw()["image"].mean()) for _ in range(1000)])
+        assert abs(share[1.0] - 4 / 6) < 0.08 and abs(share[0.25] - 1 / 3) < 0.08, (fg, share)
+
+
 def test_a_volume_smaller_than_the_patch_is_padded_with_zero_confidence():
     plan = tiny_plan((4, 8), patch=(16, 16, 16))
     item = {"image": torch.rand(1, 10, 12, 16), "label": torch.ones(1, 10, 12, 16), "confidence": None, "known": [1]}

@@ -121,7 +121,9 @@ def inference_transforms(cfg: PreprocessConfig) -> Compose:
     return Compose(spatial_transforms(cfg, ("image",)))
 
 
-def training_item(image: Path, label: Path, known: list[int], confidence: Path | None = None) -> dict:
-    """One training example as the data loader expects it (paths only: data stays on disk)."""
+def training_item(image: Path, label: Path, known: list[int], confidence: Path | None = None,
+                  amplified: bool = False) -> dict:
+    """One training example as the data loader expects it (paths only: data stays on disk); ``amplified``
+    marks a pseudo-label (the sampler may draw it less often than a real annotation)."""
     return {"image": str(image), "label": str(label), "confidence": str(confidence) if confidence else None,
-            "known": list(known)}
+            "known": list(known), "amplified": amplified}

@@ -69,7 +69,7 @@ def make_sampler(items: Sequence[dict], plan: Plan, cfg: TrainConfig, num_classe
     seed = cfg.seed if seed is None else seed
     volumes = load_volumes(items, plan, num_classes, cache_dir=cache_dir, seed=seed)
     return PatchSampler(volumes, plan, cfg.foreground_fraction, cfg.augment, num_classes, extra=extra, seed=seed,
-                        balance=cfg.foreground_balance)
+                        balance=cfg.foreground_balance, amplified_weight=cfg.amplified_weight)
 
 
 def fit(model: torch.nn.Module, sampler: PatchSampler, plan: Plan, cfg: TrainConfig, device: torch.device,

@@ -4,7 +4,8 @@ A patch is centred, with probability ``foreground_fraction``, on a voxel of one 
 case*, the organ chosen uniformly among them (``balance="case"``: the esophagus as often as the
 mandible where both are drawn), or uniformly among every organ any case drew, then a case that drew it
 (``balance="dataset"``: an organ drawn in a third of the cases as often as one drawn in all); otherwise
-anywhere. An organ that a case did not draw is never a foreground choice and its voxels are
+anywhere. A pseudo-label (an amplified volume) is drawn ``amplified_weight`` times as often as a real
+annotation. An organ that a case did not draw is never a foreground choice and its voxels are
 never made background: the ``known`` mask travels with every patch to the partial-label loss.
 Volumes smaller than the patch are padded once, with confidence 0 (no loss on padding).
 """
@@ -51,7 +52,8 @@ def site_training_items(site: Site, amplified: Path | None = None, use_amplified
                 continue
             prov = read_provenance(prov_path)
             if provenance_qc_accepted(prov):
-                items.append(training_item(case.image, label, amplified_known(prov, site), conf if conf.exists() else None))
+                items.append(training_item(case.image, label, amplified_known(prov, site), conf if conf.exists() else None,
+                                           amplified=True))
     return items
 
 
@@ -113,6 +115,7 @@ class Volume:
     confidence: torch.Tensor | None  # (1, X, Y, Z) float32; None = 1 everywhere (a real annotation)
     known: torch.Tensor  # (C,) bool
     organ_voxels: dict[int, np.ndarray]  # organ -> flat indices of (some of) its voxels
+    amplified: bool = False  # a pseudo-label, not a real annotation
 
 
 def plain(x) -> torch.Tensor:
@@ -150,7 +153,7 @@ def make_volume(item: dict, patch: Sequence[int], num_classes: int, rng: np.rand
             where = rng.choice(where, MAX_INDICES_PER_ORGAN, replace=False)
         if where.size:
             organ_voxels[organ] = where
-    return Volume(image.contiguous(), label.contiguous(), conf, known, organ_voxels)
+    return Volume(image.contiguous(), label.contiguous(), conf, known, organ_voxels, bool(item.get("amplified", False)))
 
 
 def load_volumes(items: Sequence[dict], plan: Plan, num_classes: int, cache_dir: Path | None = None,
@@ -228,7 +231,7 @@ class PatchSampler:
 
     def __init__(self, volumes: Sequence[Volume], plan: Plan, foreground_fraction: float,
                  augment: AugmentConfig, num_classes: int, extra: Sequence[torch.utils.data.Dataset] = (),
-                 seed: int = 0, balance: str = "dataset") -> None:
+                 seed: int = 0, balance: str = "dataset", amplified_weight: float = 1.0) -> None:
         if not volumes and not extra:
             raise ValueError("nothing to train on: no volumes and no extra datasets")
         if balance not in ("case", "dataset"):
@@ -242,6 +245,11 @@ class PatchSampler:
         self.rng = np.random.default_rng(seed)
         self.augment = augmentation(augment, plan.mirror_pairs, seed)
         self.sizes = [len(self.volumes)] + [len(e) for e in self.extra]
+        if amplified_weight <= 0:
+            raise ValueError(f"amplified_weight must be > 0, not {amplified_weight}")
+        #: how often each cached volume is drawn, relative to the others (a pseudo-label: amplified_weight)
+        self.weights = np.array([amplified_weight if v.amplified else 1.0 for v in self.volumes])
+        self.uniform = bool(np.all(self.weights == 1.0))
         #: organ -> the cached volumes that drew it ('dataset' balance)
         self.drawn_in: dict[int, list[int]] = {}
         for i, vol in enumerate(self.volumes):
@@ -258,8 +266,9 @@ class PatchSampler:
             if self.balance == "dataset" and self.drawn_in and self.rng.random() < self.foreground_fraction:
                 organs = sorted(self.drawn_in)
                 organ = organs[int(self.rng.integers(len(organs)))]
-                holders = self.drawn_in[organ]
-                return self.volumes[holders[int(self.rng.integers(len(holders)))]], organ, True
+                return self.volumes[self._weighted(self.drawn_in[organ])], organ, True
+            if not self.uniform:
+                i = self._weighted(range(len(self.volumes)))
             return self.volumes[i], None, self.balance == "dataset"
         i -= len(self.volumes)
         for ds in self.extra:
@@ -267,6 +276,14 @@ class PatchSampler:
                 return make_volume(ds[i], self.patch, self.num_classes, self.rng), None, False
             i -= len(ds)
         raise IndexError(i)
+
+    def _weighted(self, indices: Sequence[int]) -> int:
+        """One of ``indices`` (cached volumes), drawn in proportion to the volumes' weights."""
+        indices = list(indices)
+        if self.uniform:
+            return indices[int(self.rng.integers(len(indices)))]
+        w = self.weights[indices]
+        return indices[int(self.rng.choice(len(indices), p=w / w.sum()))]
 
     def _centred_on(self, organ: int, shape: Sequence[int], vol: Volume) -> list[int]:
         voxels = vol.organ_voxels[organ]
