@@ -69,6 +69,7 @@ class Settings:
     steps: int = 600                      # optimiser steps per training run, same for every variant
     lr: float = 2e-3
     confidence_threshold: float = 0.7     # fused voxels below this are ignored by the loss
+    amplified_weight: float = 1.0         # TrainConfig.amplified_weight: patches of a pseudo-labeled scan vs a real one
     # Atlas registration of `fadal amplify` (native grid): few iterations, shared cache across k.
     registration: dict = field(default_factory=lambda: dict(
         resolutions=2, affine_iterations=64, bspline_iterations=64, spatial_samples=1024, grid_spacing_mm=30.0,
@@ -236,7 +237,7 @@ def run(settings: Settings, train_data: Path, eval_data: Path, out: Path, log=pr
     log(f"plan: spacing {pre.spacing_mm} mm, HU {pre.hu_window}, patch {net_plan.patch_size} x {net_plan.batch_size}, "
         f"{net_plan.network.architecture} {net_plan.network.channels}")
     train_cfg = TrainConfig(lr=settings.lr, seed=settings.seed, num_threads=settings.threads,
-                            confidence_threshold=settings.confidence_threshold)
+                            confidence_threshold=settings.confidence_threshold, amplified_weight=settings.amplified_weight)
     reg_cfg = RegistrationConfig(**settings.registration, seed=settings.seed)
     syn_kw = dict(settings.synthesis)
     if "registration" in syn_kw:
@@ -446,11 +447,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="federated: rounds per site")
     ap.add_argument("--plan-minutes", type=float, default=None,
                     help="the plan's patch is sized so that --steps steps take about this long (scale it with --steps)")
+    ap.add_argument("--no-full", action="store_true", help="skip the full-label runs (compare against an earlier run's)")
+    ap.add_argument("--amplified-weight", type=float, default=None,
+                    help="patches of a pseudo-labeled scan relative to a real one (TrainConfig.amplified_weight)")
     args = ap.parse_args(argv)
-    settings = with_overrides(QUICK if args.quick else DEFAULT, args, ("steps", "unlabeled_per_site", "eval_per_site", "threads", "rounds", "plan_minutes"),
+    settings = with_overrides(QUICK if args.quick else DEFAULT, args, ("steps", "unlabeled_per_site", "eval_per_site", "threads", "rounds", "plan_minutes", "amplified_weight"),
                               {"ks": int, "sites": str, "variants": str})
     if args.no_crop:
         settings = replace(settings, crop_to_body=False)
+    if args.no_full:
+        settings = replace(settings, full_label=False)
     if args.federated:
         settings = replace(settings, federated=args.federated)
     unknown = set(settings.variants) - set(VARIANTS)
