@@ -1,6 +1,6 @@
 """Amplifying one hospital: 2 atlases onto 50 unlabeled real CT scans, with `fadal amplify`'s defaults.
 
-Issue target: a site of 50 unlabeled scans from 2 atlases in <= 15 minutes on 2 cores. The site is a
+Issue target: a site of 50 unlabeled scans from 2 atlases in <= 10 minutes on 2 cores. The site is a
 view of OpenKBP site A's official 'train' cases (symlinks, nothing copied): 2 labeled scans as atlases,
 the next 50 without their labels. Reports wall time (registration, fusion + QC), accepted/rejected
 scans with QC reasons, failed registrations, and the pseudo-labels' Dice against the real labels the
