@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import itk
 
+    from fadal.amplify.elastix import RegistrationFailed
     from fadal.amplify.register import register_atlas
     from fadal.amplify.result import registration_failure
     from fadal.config import RegistrationConfig
@@ -70,12 +71,17 @@ def main(argv: list[str] | None = None) -> dict:
     elastix_cfg = RegistrationConfig(workers=1)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    rows = []
+    rows, failed = [], []
     for atlas, target in pairs:
         both = sorted(set(meta[atlas]["annotated"]) & set(meta[target]["annotated"]), key=organs.get)
         scored = {n: organs[n] for n in both}
         row: dict = {"atlas": atlas, "target": target, "organs": both}
-        res = register_atlas(img(target), img(atlas), lab(atlas), args.out / "elastix", elastix_cfg)
+        try:
+            res = register_atlas(img(target), img(atlas), lab(atlas), args.out / "elastix", elastix_cfg)
+        except RegistrationFailed as e:  # elastix gave up: the pipeline leaves such an atlas out; so do we
+            print(f"{atlas} -> {target}: elastix failed ({e})", flush=True)
+            failed.append({"atlas": atlas, "target": target, "error": str(e)})
+            continue
         row["elastix"] = {"dice": _organ_dice(res.warped_label, lab(target), scored), "seconds": res.seconds,
                           "cached": res.cached, "ncc": res.metric_after, "body_dice": res.body_dice,
                           "failed": registration_failure(res, elastix_cfg)}
@@ -98,13 +104,14 @@ def main(argv: list[str] | None = None) -> dict:
         "per_organ_dice": per_organ,
         "seconds_per_pair": {"elastix": float(np.mean([r["elastix"]["seconds"] for r in rows]))},
         "settings": {"elastix": elastix_cfg.model_dump(mode="json")},
-        "rows": rows,
+        "rows": rows, "elastix_errors": failed,
     }
     from fadal.data.io import write_json
 
     write_json(summary, args.out / "results.json")
 
-    print(f"\nsite {args.site}: {len(pairs)} held-out pairs ({args.threads} ITK thread(s))")
+    print(f"\nsite {args.site}: {len(pairs)} held-out pairs ({args.threads} ITK thread(s)); "
+          f"{len(failed)} where elastix gave up, left out below")
     print(f"{'organ':<14}{'n':>3}" + "".join(f"{m:>13}" for m in methods))
     for o in per_organ["elastix"]:
         n = sum(o in r["elastix"]["dice"] for r in rows)
