@@ -78,9 +78,10 @@ class QCConfig(_Strict):
     min_component_fraction: float = Field(0.8, ge=0, le=1, description="Flag an organ whose n largest connected "
                                           "components hold less than this fraction of its voxels (n = most "
                                           "components an atlas has for it, usually 1).")
-    min_confidence: float = Field(0.7, ge=0, le=1, description="Flag an organ whose mean fusion confidence is lower "
-                                  "(majority vote of two atlases: a fused organ's is always 1, they must agree; the demo's three "
-                                  "atlases give a half-wrong pancreas 0.68-0.77, other organs 0.79-0.96).")
+    min_confidence: float = Field(0.7, ge=0, le=1, description="Flag an organ whose mean fusion confidence is "
+                                  "lower (a majority vote of two atlases gives a fused organ 1: they must agree; "
+                                  "the demo's three atlases give a half-wrong pancreas 0.68-0.77, other organs "
+                                  "0.79-0.96).")
     demote_flagged: bool = Field(True, description="A flagged organ becomes unknown for that scan (its voxels get "
                                  "label 0 and confidence 0); off = any flag rejects the scan.")
     max_flagged_fraction: float = Field(0.5, ge=0, le=1, description="Reject the scan when more than this fraction "
